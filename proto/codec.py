@@ -1,0 +1,125 @@
+"""numpy <-> Tensor, the one codec both the client and the server use.
+
+A Tensor is a dtype, a shape and the raw little-endian row-major bytes of the array in one
+field. Decoding is a view (np.frombuffer, no copy); encoding is one copy into the
+message's bytes field. Nothing here imports jax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from hessd.proto.v1 import hessd_pb2
+
+__all__ = [
+    "TensorError",
+    "check_points",
+    "coerce",
+    "decode",
+    "dtype_from_proto",
+    "dtype_to_proto",
+    "encode",
+]
+
+
+class TensorError(ValueError):
+    """A tensor that cannot be decoded or used as asked; the message says why."""
+
+
+_BY_PROTO: dict[int, np.dtype] = {
+    hessd_pb2.FLOAT32: np.dtype("<f4"),
+    hessd_pb2.FLOAT64: np.dtype("<f8"),
+    hessd_pb2.FLOAT16: np.dtype("<f2"),
+    hessd_pb2.INT32: np.dtype("<i4"),
+    hessd_pb2.INT64: np.dtype("<i8"),
+}
+_BY_NAME: dict[str, int] = {np.dtype(d).name: p for p, d in _BY_PROTO.items()}
+
+
+def dtype_to_proto(dtype: np.dtype | str | type) -> int:
+    """The DType enum value of a numpy dtype; TensorError for types the wire does not carry."""
+    name = np.dtype(dtype).name
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise TensorError(
+            f"dtype {name} cannot be sent; supported dtypes are {', '.join(_BY_NAME)}"
+        ) from None
+
+
+def dtype_from_proto(value: int) -> np.dtype:
+    """The numpy dtype of a DType enum value; TensorError for unknown or unset values."""
+    try:
+        return _BY_PROTO[value]
+    except KeyError:
+        name = hessd_pb2.DType.Name(value) if value in hessd_pb2.DType.values() else value
+        raise TensorError(
+            f"dtype {name} is not supported; use one of "
+            + ", ".join(hessd_pb2.DType.Name(p) for p in _BY_PROTO)
+        ) from None
+
+
+def encode(array: np.ndarray) -> hessd_pb2.Tensor:
+    """A Tensor holding `array` (any shape) as little-endian row-major bytes."""
+    array = np.asarray(array)
+    dtype = array.dtype.newbyteorder("<")
+    proto_dtype = dtype_to_proto(dtype)
+    data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+    return hessd_pb2.Tensor(dtype=proto_dtype, shape=array.shape, data=data)
+
+
+def decode(tensor: hessd_pb2.Tensor, what: str = "tensor") -> np.ndarray:
+    """A read-only numpy view of the tensor's bytes, shaped; TensorError if they disagree.
+
+    `what` names the tensor in messages ("input 'x'").
+    """
+    dtype = dtype_from_proto(tensor.dtype)
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise TensorError(f"{what} has a negative dimension in shape {shape}")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise TensorError(
+            f"{what} has {len(tensor.data)} bytes of data but shape {shape} of {dtype.name} "
+            f"needs {expected}; send prod(shape) * itemsize bytes, row-major little-endian"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def coerce(array: object, dtype: np.dtype | str, what: str) -> np.ndarray:
+    """`array` as a numpy array of `dtype`, converted only where no value changes.
+
+    Integers, booleans and lower-precision floats convert when every value survives the
+    round trip exactly; anything else (float64 data for a float32 function, say) raises
+    TensorError naming `what` and the cast to do, so nothing a user sent is silently changed.
+    """
+    array = np.asarray(array)
+    dtype = np.dtype(dtype)
+    if array.dtype == dtype:
+        return array
+    if array.dtype.kind not in "biuf":
+        raise TensorError(f"{what} has dtype {array.dtype}, which is not numeric")
+    converted = array.astype(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        exact = np.array_equal(converted.astype(array.dtype), array, equal_nan=True)
+    if not exact:
+        raise TensorError(
+            f"{what} has dtype {array.dtype} and the function computes in {dtype.name}; "
+            f"converting would change its values. Convert it yourself "
+            f"(x.astype(np.{dtype.name})) or register the function with dtype='{array.dtype}'"
+        )
+    return converted
+
+
+def check_points(array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
+    """TensorError unless `array` is (batch, *shape) of `dtype`: a batch of points."""
+    if array.ndim != len(shape) + 1 or array.shape[1:] != tuple(shape):
+        batched = str(("batch", *shape)).replace("'", "")
+        raise TensorError(
+            f"{what} has shape {array.shape}; expected {batched}: a leading batch axis, "
+            f"then the shape of one point {tuple(shape)}"
+        )
+    if array.dtype != dtype:
+        raise TensorError(f"{what} has dtype {array.dtype.name}; the function takes {dtype.name}")
