@@ -1,4 +1,4 @@
-"""Server configuration: every limit in one place, with its default."""
+"""Server configuration: every limit in one place, with its default and its help text."""
 
 from __future__ import annotations
 
@@ -9,21 +9,29 @@ __all__ = ["ServerConfig"]
 MiB = 1 << 20
 
 
+def _field(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    """How a hessd server runs. The CLI sets each field from a flag of the same name."""
+    """How a hessd server runs. `hessd serve` has one flag per field (--max-output-bytes …)."""
 
-    host: str = "127.0.0.1"
-    port: int = 50051
-    # Largest request gRPC accepts; protobuf caps one message at 2 GiB.
-    max_request_bytes: int = 512 * MiB
-    # Largest result one Compute may return; refused before any work is done.
-    max_output_bytes: int = 1024 * MiB
-    # Batches are padded to powers of two up to this, and run in chunks of it above.
-    max_batch_bucket: int = 1024
-    executable_cache_size: int = 256
-    max_functions: int = 4096
-    max_expression_chars: int = 20_000
-    workers: int = 16
-    # JAX's persistent compilation cache; None leaves it off.
-    compile_cache_dir: str | None = None
+    host: str = _field("127.0.0.1", "address to bind")
+    port: int = _field(50051, "port to bind; 0 lets the OS pick one")
+    max_request_bytes: int = _field(
+        512 * MiB, "largest request accepted (protobuf caps a message at 2 GiB)"
+    )
+    max_output_bytes: int = _field(
+        1024 * MiB, "largest result of one Compute; refused before any work is done"
+    )
+    max_batch_bucket: int = _field(
+        1024, "batches pad up to powers of two up to this, and run in chunks of it above"
+    )
+    executable_cache_size: int = _field(256, "compiled executables kept (LRU)")
+    max_functions: int = _field(4096, "registered functions kept (LRU)")
+    max_expression_chars: int = _field(20_000, "longest expression source accepted")
+    workers: int = _field(16, "threads serving calls")
+    compile_cache_dir: str | None = _field(
+        None, "JAX persistent compilation cache directory; empty turns it off"
+    )

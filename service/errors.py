@@ -10,11 +10,11 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
-    "ServiceError",
     "InvalidArgument",
     "NotFound",
-    "ResourceExhausted",
     "PermissionDenied",
+    "ResourceExhausted",
+    "ServiceError",
 ]
 
 

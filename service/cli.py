@@ -1,0 +1,74 @@
+"""The `hessd` command line: `hessd serve`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+
+from hessd.service.config import ServerConfig
+
+DEFAULT_COMPILE_CACHE = os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hessd", "jax"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hessd", description="a gRPC derivative service")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the server until SIGINT or SIGTERM")
+    defaults = ServerConfig()
+    for field in dataclasses.fields(ServerConfig):
+        default = getattr(defaults, field.name)
+        if field.name == "compile_cache_dir":
+            default = DEFAULT_COMPILE_CACHE
+        serve.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=int if field.type == "int" else str,
+            default=default,
+            help=field.metadata["help"] + " (default: %(default)s)",
+        )
+    serve.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on stop")
+    serve.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = ServerConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
+    )
+    return serve_forever(config, args.grace)
+
+
+def serve_forever(config: ServerConfig, grace: float) -> int:
+    # Imported here so that `hessd --help` does not wait for JAX.
+    import jax
+
+    from hessd.service.server import create_server
+
+    log = logging.getLogger("hessd")
+    server, port = create_server(config)
+    devices = jax.devices()  # brings the backend up before we say we are listening
+    server.start()
+    log.info("listening on %s:%d (%s: %s)", config.host, port, jax.default_backend(), devices)
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("received %s, stopping (grace %.1f s)", signal.Signals(signum).name, grace)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stop.wait()
+    server.stop(grace).wait()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

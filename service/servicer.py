@@ -1,0 +1,215 @@
+"""The gRPC servicer: validate and decode at the edge, hand work to the engine, map errors.
+
+Every ServiceError raised below becomes its status code with its message; anything else is
+a bug, logged with its traceback and answered INTERNAL. The server keeps serving either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import math
+import time
+
+import grpc
+import jax
+import numpy as np
+
+from hessd.proto import codec
+from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
+from hessd.service import kinds
+from hessd.service.config import ServerConfig
+from hessd.service.engine import Engine
+from hessd.service.errors import InvalidArgument, ResourceExhausted, ServiceError
+from hessd.service.expression import ExpressionLimits
+from hessd.service.program import Program
+from hessd.service.registry import Registry
+
+__all__ = ["HessdServicer"]
+
+logger = logging.getLogger(__name__)
+
+_KINDS = {getattr(hessd_pb2, k.name): k for k in kinds.Kind}
+_MODES = {
+    hessd_pb2.JACOBIAN_MODE_UNSPECIFIED: kinds.JacobianMode.AUTO,
+    hessd_pb2.AUTO: kinds.JacobianMode.AUTO,
+    hessd_pb2.FORWARD: kinds.JacobianMode.FORWARD,
+    hessd_pb2.REVERSE: kinds.JacobianMode.REVERSE,
+}
+_LAYOUTS = {
+    hessd_pb2.LAYOUT_UNSPECIFIED: kinds.Layout.NUMERATOR,
+    hessd_pb2.NUMERATOR: kinds.Layout.NUMERATOR,
+    hessd_pb2.DENOMINATOR: kinds.Layout.DENOMINATOR,
+}
+
+
+def _rpc(method):
+    """Map ServiceError to its status; log and answer INTERNAL for anything else."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        start = time.perf_counter()
+        try:
+            return method(self, request, context)
+        except ServiceError as e:
+            logger.info("%s refused (%s): %s", method.__name__, e.code.name, e.message)
+            context.abort(e.code, e.message)
+        except Exception:
+            logger.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error in hessd; see server log")
+        finally:
+            logger.debug("%s took %.3f ms", method.__name__, 1e3 * (time.perf_counter() - start))
+
+    return wrapper
+
+
+class HessdServicer(hessd_pb2_grpc.HessdServicer):
+    def __init__(self, config: ServerConfig, engine: Engine | None = None):
+        self.config = config
+        self.engine = engine or Engine(
+            max_bucket=config.max_batch_bucket, cache_size=config.executable_cache_size
+        )
+        self.registry = Registry(
+            config.max_functions, ExpressionLimits(max_chars=config.max_expression_chars)
+        )
+
+    @_rpc
+    def Register(self, request, context):
+        program = self.registry.register(request.spec)
+        return hessd_pb2.RegisterResponse(
+            function_id=program.function_id,
+            output_shape=program.output_shape,
+            output_dtype=codec.dtype_to_proto(program.output_dtype),
+        )
+
+    @_rpc
+    def Compute(self, request, context):
+        program = self._program(request)
+        if request.kind not in _KINDS:
+            raise InvalidArgument(
+                f"unknown kind {request.kind}; use one of " + ", ".join(k.value for k in kinds.Kind)
+            )
+        if request.jacobian_mode not in _MODES or request.layout not in _LAYOUTS:
+            raise InvalidArgument("unknown jacobian_mode or layout value")
+        task = kinds.make_request(
+            program,
+            _KINDS[request.kind],
+            request.wrt,
+            _MODES[request.jacobian_mode],
+            _LAYOUTS[request.layout],
+        )
+        inputs = _decode_inputs(program, request.inputs)
+        batch = inputs[0].shape[0]
+        vector = _decode_vector(program, task, request, batch)
+        self._check_output_size(program, task, batch)
+        output = self.engine.run(program, task, inputs, vector)
+        return hessd_pb2.ComputeResponse(output=codec.encode(output))
+
+    @_rpc
+    def ServerInfo(self, request, context):
+        c = self.config
+        return hessd_pb2.ServerInfoResponse(
+            version=importlib.metadata.version("hessd"),
+            jax_version=jax.__version__,
+            backend=jax.default_backend(),
+            devices=[
+                hessd_pb2.Device(id=d.id, platform=d.platform, kind=d.device_kind)
+                for d in jax.devices()
+            ],
+            limits=hessd_pb2.Limits(
+                max_request_bytes=c.max_request_bytes,
+                max_output_bytes=c.max_output_bytes,
+                max_batch_bucket=c.max_batch_bucket,
+                max_expression_chars=c.max_expression_chars,
+                max_functions=c.max_functions,
+            ),
+        )
+
+    def _program(self, request: hessd_pb2.ComputeRequest) -> Program:
+        match request.WhichOneof("function"):
+            case "function_id":
+                return self.registry.get(request.function_id)
+            case "spec":
+                return self.registry.register(request.spec)
+        raise InvalidArgument("the request names no function: set function_id or spec")
+
+    def _check_output_size(self, program: Program, task: kinds.Request, batch: int) -> None:
+        shape = (batch, *kinds.output_shape(program, task))
+        nbytes = math.prod(shape) * program.output_dtype.itemsize
+        if nbytes > self.config.max_output_bytes:
+            raise ResourceExhausted(
+                f"the {task.kind.value} of {batch} points would be {shape} "
+                f"{program.output_dtype.name}, {nbytes} bytes, over this server's limit of "
+                f"{self.config.max_output_bytes} bytes (--max-output-bytes); send fewer "
+                "points per request"
+            )
+
+
+def _decode(tensor: hessd_pb2.Tensor, what: str) -> np.ndarray:
+    try:
+        return codec.decode(tensor, what)
+    except codec.TensorError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def _decode_inputs(program: Program, named: list[hessd_pb2.NamedTensor]) -> list[np.ndarray]:
+    """One array per input of `program`, in its order, each checked (batch, *shape)."""
+    by_name: dict[str, hessd_pb2.Tensor] = {}
+    for item in named:
+        if item.name in by_name:
+            raise InvalidArgument(f"input {item.name!r} is given twice")
+        by_name[item.name] = item.tensor
+    expected = [s.name for s in program.inputs]
+    unknown = sorted(set(by_name) - set(expected))
+    missing = [n for n in expected if n not in by_name]
+    if unknown or missing:
+        raise InvalidArgument(
+            f"the function takes inputs {expected}; "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and unknown else "")
+            + (f"unknown {unknown}" if unknown else "")
+        )
+    arrays = []
+    batch = None
+    for signature in program.inputs:
+        what = f"input {signature.name!r}"
+        array = _decode(by_name[signature.name], what)
+        _check_points(array, signature.shape, signature.dtype, what)
+        if batch is not None and array.shape[0] != batch:
+            raise InvalidArgument(
+                f"{what} has {array.shape[0]} points but {program.inputs[0].name!r} has "
+                f"{batch}; every input needs the same batch size"
+            )
+        batch = array.shape[0]
+        arrays.append(array)
+    return arrays
+
+
+def _decode_vector(
+    program: Program, task: kinds.Request, request: hessd_pb2.ComputeRequest, batch: int
+) -> np.ndarray | None:
+    given = request.HasField("vector")
+    if not task.takes_vector:
+        if given:
+            raise InvalidArgument(
+                f"kind {task.kind.value} takes no vector; only hvp, jvp and vjp do"
+            )
+        return None
+    name = {kinds.Kind.HVP: "v", kinds.Kind.JVP: "tangent t", kinds.Kind.VJP: "cotangent u"}
+    what = f"the {task.kind.value} {name[task.kind]}"
+    if not given:
+        raise InvalidArgument(f"{what} is missing: set vector, one per point")
+    vector = _decode(request.vector, what)
+    dtype = program.output_dtype if task.kind is kinds.Kind.VJP else program.inputs[task.wrt].dtype
+    _check_points(vector, kinds.vector_shape(program, task), dtype, what)
+    if vector.shape[0] != batch:
+        raise InvalidArgument(f"{what} has {vector.shape[0]} rows but there are {batch} points")
+    return vector
+
+
+def _check_points(array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
+    try:
+        codec.check_points(array, shape, dtype, what)
+    except codec.TensorError as e:
+        raise InvalidArgument(str(e)) from None

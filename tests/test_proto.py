@@ -1,0 +1,80 @@
+"""The wire contract: generated code in sync with the .proto, and the tensor codec."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hessd.proto import codec
+from hessd.proto.v1 import hessd_pb2
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_generated_code_matches_proto():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "proto" / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int32", "int64"])
+@pytest.mark.parametrize("shape", [(), (0,), (3,), (2, 3, 4)])
+def test_round_trip(dtype, shape):
+    array = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+    tensor = codec.encode(array)
+    assert tensor.data == array.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
+    decoded = codec.decode(tensor)
+    assert decoded.dtype == np.dtype(dtype) and decoded.shape == shape
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_encode_is_row_major_for_fortran_and_strided_arrays():
+    array = np.asfortranarray(np.arange(6.0).reshape(2, 3))
+    assert codec.encode(array).data == np.arange(6.0).tobytes()
+    assert codec.decode(codec.encode(array[:, ::2])).tolist() == [[0.0, 2.0], [3.0, 5.0]]
+
+
+def test_encode_big_endian_becomes_little_endian():
+    array = np.arange(3, dtype=">f8")
+    np.testing.assert_array_equal(codec.decode(codec.encode(array)), [0.0, 1.0, 2.0])
+
+
+def test_decode_rejects_wrong_byte_count():
+    tensor = hessd_pb2.Tensor(dtype=hessd_pb2.FLOAT32, shape=[2, 3], data=b"\0" * 20)
+    with pytest.raises(codec.TensorError, match=r"has 20 bytes of data but shape .* needs 24"):
+        codec.decode(tensor, "input 'x'")
+
+
+def test_decode_rejects_unspecified_dtype():
+    with pytest.raises(codec.TensorError, match="DTYPE_UNSPECIFIED is not supported"):
+        codec.decode(hessd_pb2.Tensor(shape=[1], data=b"\0" * 4))
+
+
+def test_decode_rejects_negative_dimension():
+    tensor = hessd_pb2.Tensor(dtype=hessd_pb2.FLOAT32, shape=[-1], data=b"")
+    with pytest.raises(codec.TensorError, match="negative dimension"):
+        codec.decode(tensor)
+
+
+def test_encode_rejects_unsupported_dtype():
+    with pytest.raises(codec.TensorError, match="complex128 cannot be sent"):
+        codec.encode(np.zeros(2, dtype=complex))
+
+
+def test_coerce_converts_only_exactly():
+    assert codec.coerce([1, 2, 3], np.float32, "x").dtype == np.float32
+    assert codec.coerce(np.float32([0.1]), np.float64, "x").dtype == np.float64
+    assert codec.coerce(np.array([0.5, np.nan, np.inf]), np.float32, "x").dtype == np.float32
+    with pytest.raises(
+        codec.TensorError, match=r"input 'x' has dtype float64 .*x\.astype\(np\.float32\)"
+    ):
+        codec.coerce(np.array([0.1]), np.float32, "input 'x'")
+    with pytest.raises(codec.TensorError, match="not numeric"):
+        codec.coerce(np.array(["a"]), np.float32, "x")
