@@ -173,13 +173,13 @@ class Client:
         request = hessd_pb2.ComputeRequest(
             function_id=f.id,
             kind=kind_value,
-            inputs=_encode_points(f, points),
             wrt=wrt or "",
             jacobian_mode=_option(_MODES, mode, "mode"),
             layout=_option(_LAYOUTS, layout, "layout"),
         )
+        _encode_points(f, points, request)
         if vector is not None:
-            request.vector.CopyFrom(_encode_vector(f, kind, vector, wrt))
+            _encode_vector(f, kind, vector, wrt, request.vector)
         reply = self._call(self._stub.Compute, request, timeout)
         # A writable copy would double the memory of a large result; decode's view is read-only.
         return codec.decode(reply.output, "output")
@@ -205,7 +205,8 @@ def _option(table: dict[str, int], value: str, name: str) -> int:
         raise InvalidArgument(f"{name}={value!r}; use one of {', '.join(table)}") from None
 
 
-def _encode_points(f: Function, points: Points) -> list[hessd_pb2.NamedTensor]:
+def _encode_points(f: Function, points: Points, request: hessd_pb2.ComputeRequest) -> None:
+    """Check `points` against f's inputs and encode them into request.inputs, in place."""
     if not isinstance(points, Mapping):
         if len(f.inputs) != 1:
             raise InvalidArgument(
@@ -215,10 +216,7 @@ def _encode_points(f: Function, points: Points) -> list[hessd_pb2.NamedTensor]:
     unknown = sorted(set(points) - set(f.inputs))
     missing = [n for n in f.inputs if n not in points]
     if unknown or missing:
-        raise InvalidArgument(
-            f"the function takes inputs {list(f.inputs)}; got {sorted(points)}"
-        )
-    encoded = []
+        raise InvalidArgument(f"the function takes inputs {list(f.inputs)}; got {sorted(points)}")
     batch = None
     for name, shape in f.inputs.items():
         array = _checked(points[name], shape, f.dtype, f"input {name!r}")
@@ -227,11 +225,12 @@ def _encode_points(f: Function, points: Points) -> list[hessd_pb2.NamedTensor]:
                 f"input {name!r} has {array.shape[0]} points, others have {batch}"
             )
         batch = array.shape[0]
-        encoded.append(hessd_pb2.NamedTensor(name=name, tensor=codec.encode(array)))
-    return encoded
+        codec.encode(array, out=request.inputs.add(name=name).tensor)
 
 
-def _encode_vector(f: Function, kind: str, vector: Any, wrt: str | None) -> hessd_pb2.Tensor:
+def _encode_vector(
+    f: Function, kind: str, vector: Any, wrt: str | None, out: hessd_pb2.Tensor
+) -> None:
     if kind == "vjp":
         shape = f.output_shape
     else:
@@ -239,7 +238,7 @@ def _encode_vector(f: Function, kind: str, vector: Any, wrt: str | None) -> hess
         if name not in f.inputs:
             raise InvalidArgument(f"wrt={name!r} is not an input; inputs are {list(f.inputs)}")
         shape = f.inputs[name]
-    return codec.encode(_checked(vector, shape, f.dtype, f"the {kind} vector"))
+    codec.encode(_checked(vector, shape, f.dtype, f"the {kind} vector"), out=out)
 
 
 def _checked(value: Any, shape: tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray:

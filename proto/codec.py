@@ -61,13 +61,20 @@ def dtype_from_proto(value: int) -> np.dtype:
         ) from None
 
 
-def encode(array: np.ndarray) -> hessd_pb2.Tensor:
-    """A Tensor holding `array` (any shape) as little-endian row-major bytes."""
+def encode(array: np.ndarray, out: hessd_pb2.Tensor | None = None) -> hessd_pb2.Tensor:
+    """A Tensor holding `array` (any shape) as little-endian row-major bytes.
+
+    With `out` (a Tensor field of a message being built), fills it in place and returns it:
+    passing a finished Tensor to a message constructor copies all its bytes again, which
+    for a 4 MB result costs more than computing it (measured: 5 ms against 1 ms).
+    """
     array = np.asarray(array)
     dtype = array.dtype.newbyteorder("<")
-    proto_dtype = dtype_to_proto(dtype)
-    data = np.ascontiguousarray(array, dtype=dtype).tobytes()
-    return hessd_pb2.Tensor(dtype=proto_dtype, shape=array.shape, data=data)
+    tensor = hessd_pb2.Tensor() if out is None else out
+    tensor.dtype = dtype_to_proto(dtype)
+    tensor.shape[:] = array.shape
+    tensor.data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+    return tensor
 
 
 def decode(tensor: hessd_pb2.Tensor, what: str = "tensor") -> np.ndarray:

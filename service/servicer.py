@@ -104,7 +104,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         vector = _decode_vector(program, task, request, batch)
         self._check_output_size(program, task, batch)
         output = self.engine.run(program, task, inputs, vector)
-        return hessd_pb2.ComputeResponse(output=codec.encode(output))
+        response = hessd_pb2.ComputeResponse()
+        codec.encode(output, out=response.output)
+        return response
 
     @_rpc
     def ServerInfo(self, request, context):
