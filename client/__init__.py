@@ -1,6 +1,7 @@
 """The thin hessd client. Importing it does not import JAX."""
 
-from hessd.client._client import Client, Function
+from hessd.client._aio import AsyncClient
+from hessd.client._client import Client
 from hessd.client._errors import (
     Cancelled,
     DeadlineExceeded,
@@ -13,8 +14,10 @@ from hessd.client._errors import (
     Unauthenticated,
     Unavailable,
 )
+from hessd.client._requests import Function, Spectrum
 
 __all__ = [
+    "AsyncClient",
     "Cancelled",
     "Client",
     "DeadlineExceeded",
@@ -25,6 +28,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "Spectrum",
     "Unauthenticated",
     "Unavailable",
 ]

@@ -34,6 +34,7 @@ _BY_PROTO: dict[int, np.dtype] = {
     hessd_pb2.FLOAT16: np.dtype("<f2"),
     hessd_pb2.INT32: np.dtype("<i4"),
     hessd_pb2.INT64: np.dtype("<i8"),
+    hessd_pb2.BOOL: np.dtype("bool"),
 }
 _BY_NAME: dict[str, int] = {np.dtype(d).name: p for p, d in _BY_PROTO.items()}
 

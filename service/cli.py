@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 
+from hessd.client import spectrum_job
 from hessd.service.config import ServerConfig
 
 DEFAULT_COMPILE_CACHE = os.path.join(
@@ -26,15 +27,25 @@ def main(argv: list[str] | None = None) -> int:
         default = getattr(defaults, field.name)
         if field.name == "compile_cache_dir":
             default = DEFAULT_COMPILE_CACHE
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            serve.add_argument(flag, action="store_true", help=field.metadata["help"])
+            continue
         serve.add_argument(
-            "--" + field.name.replace("_", "-"),
+            flag,
             type=int if field.type == "int" else str,
             default=default,
             help=field.metadata["help"] + " (default: %(default)s)",
         )
     serve.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on stop")
     serve.add_argument("--log-level", default="INFO")
+    spectrum = commands.add_parser(
+        "spectrum", help="the Hessian spectrum at a file of points, against a running server"
+    )
+    spectrum_job.add_arguments(spectrum)
     args = parser.parse_args(argv)
+    if args.command == "spectrum":
+        return spectrum_job.main(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

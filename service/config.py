@@ -28,9 +28,15 @@ class ServerConfig:
     max_batch_bucket: int = _field(
         1024, "batches pad up to powers of two up to this, and run in chunks of it above"
     )
+    max_exact_n: int = _field(
+        4096, "largest Hessian (n x n) the exact spectrum forms; above it use lanczos"
+    )
     executable_cache_size: int = _field(256, "compiled executables kept (LRU)")
     max_functions: int = _field(4096, "registered functions kept (LRU)")
     max_expression_chars: int = _field(20_000, "longest expression source accepted")
+    allow_jax_export: bool = _field(
+        False, "accept jax_export specs: artifacts that run native code (see README)"
+    )
     workers: int = _field(16, "threads serving calls")
     compile_cache_dir: str | None = _field(
         None, "JAX persistent compilation cache directory; empty turns it off"

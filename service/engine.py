@@ -16,17 +16,37 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import jax
 import numpy as np
 
-from hessd.service import kinds
 from hessd.service.program import Program
 
-__all__ = ["Engine", "EngineStats", "bucket_for"]
+__all__ = ["Engine", "EngineStats", "Request", "bucket_for"]
 
 logger = logging.getLogger(__name__)
+
+Output = np.ndarray | dict[str, np.ndarray]
+
+
+class Request(Protocol):
+    """What the engine needs of a request (kinds.Request, analysis.SpectrumRequest): it must
+    be hashable (it is part of the cache key) and say how to build its transform."""
+
+    def transform(self, program: Program) -> Callable:
+        """The function of the batched args, returning an array or a dict of arrays."""
+
+    def output_shapes(self, program: Program) -> dict[str, tuple[int, ...]]:
+        """Each result's shape at one point, by name ("output" when there is one)."""
+
+    def max_chunk(self, program: Program) -> int | None:
+        """How many points may run at once, if fewer than the engine's largest bucket."""
+
+    @property
+    def shared(self) -> tuple[int, ...]:
+        """Indices of the args that have no batch axis (shared inputs)."""
 
 
 def bucket_for(batch: int, max_bucket: int) -> int:
@@ -60,49 +80,66 @@ class Engine:
         # One lock per key being compiled, so concurrent first calls compile once.
         self._compiling: dict[tuple, threading.Lock] = {}
 
-    def run(
-        self,
-        program: Program,
-        request: kinds.Request,
-        inputs: Sequence[np.ndarray],
-        vector: np.ndarray | None = None,
-    ) -> np.ndarray:
+    def run(self, program: Program, request: Request, args: Sequence[np.ndarray]) -> Output:
         """Compute `request` at every point.
 
-        inputs[i] has shape (batch, *program.inputs[i].shape); vector, when the kind takes
-        one, (batch, *kinds.vector_shape(...)). Returns (batch, *kinds.output_shape(...)).
+        args are the arrays the request's transform takes: the program's inputs in order,
+        then any vector; each has a leading batch axis except the shared inputs (indices in
+        request.shared). Returns what the transform returns, as numpy with a leading batch
+        axis: one array, or a dict of them.
         """
-        args = [*inputs, vector] if request.takes_vector else list(inputs)
-        batch = args[0].shape[0]
+        batched = [i not in request.shared for i in range(len(args))]
+        batch = next(a for a, b in zip(args, batched, strict=True) if b).shape[0]
         if batch == 0:
-            shape = (0, *kinds.output_shape(program, request))
-            return np.empty(shape, dtype=program.output_dtype)
+            return self._empty(program, request, args)
+        size = self.max_bucket
+        limit = request.max_chunk(program)
+        if limit is not None:
+            # Requests that hold large per-point state (Lanczos bases) say how many points
+            # fit at once; round down to a bucket so the chunks share an executable.
+            size = min(size, 1 << (max(limit, 1).bit_length() - 1))
         chunks = [
-            self._run_chunk(program, request, [a[start : start + self.max_bucket] for a in args])
-            for start in range(0, batch, self.max_bucket)
+            self._run_chunk(
+                program,
+                request,
+                [a[start : start + size] if b else a for a, b in zip(args, batched, strict=True)],
+                batched,
+                size,
+            )
+            for start in range(0, batch, size)
         ]
-        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        if len(chunks) == 1:
+            return chunks[0]
+        return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
 
-    def _run_chunk(
-        self, program: Program, request: kinds.Request, args: list[np.ndarray]
-    ) -> np.ndarray:
-        batch = args[0].shape[0]
-        bucket = bucket_for(batch, self.max_bucket)
+    def _run_chunk(self, program, request, args, batched, max_bucket) -> Output:
+        batch = next(a for a, b in zip(args, batched, strict=True) if b).shape[0]
+        bucket = bucket_for(batch, max_bucket)
         if bucket > batch:
             # Pad with copies of the last point: the padded rows are discarded, and real
             # values keep them clear of spurious inf/nan work.
-            args = [np.concatenate([a, np.repeat(a[-1:], bucket - batch, axis=0)]) for a in args]
-        executable = self.executable(
-            program, request, [(a.shape[1:], a.dtype) for a in args], bucket
-        )
-        out = np.asarray(executable(*args))
-        return out[:batch]
+            args = [
+                np.concatenate([a, np.repeat(a[-1:], bucket - batch, axis=0)]) if b else a
+                for a, b in zip(args, batched, strict=True)
+            ]
+        # Per arg: the shape of one point (or the whole shared array), dtype, batched?
+        signature = [
+            (a.shape[1:] if b else a.shape, a.dtype, b) for a, b in zip(args, batched, strict=True)
+        ]
+        executable = self.executable(program, request, signature, bucket)
+        return jax.tree.map(lambda out: np.asarray(out)[:batch], executable(*args))
+
+    def _empty(self, program: Program, request: Request, args: Sequence[np.ndarray]) -> Output:
+        """The result for zero points, shaped and typed by tracing alone (no compile)."""
+        avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+        structure = jax.eval_shape(request.transform(program), *avals)
+        return jax.tree.map(lambda s: np.empty(s.shape, s.dtype), structure)
 
     def executable(
         self,
         program: Program,
-        request: kinds.Request,
-        signature: Sequence[tuple[tuple[int, ...], np.dtype]],
+        request: Request,
+        signature: Sequence[tuple[tuple[int, ...], np.dtype, bool]],
         bucket: int,
     ) -> jax.stages.Compiled:
         """The compiled jit(vmap(transform)) for this key, from the cache or compiled now."""
@@ -137,18 +174,17 @@ class Engine:
 
     def _compile(self, program, request, signature, bucket) -> jax.stages.Compiled:
         start = time.perf_counter()
-        transform = kinds.make_transform(program, request)
-        avals = [jax.ShapeDtypeStruct((bucket, *shape), dtype) for shape, dtype in signature]
-        executable = jax.jit(jax.vmap(transform)).lower(*avals).compile()
+        transform = request.transform(program)
+        avals = [
+            jax.ShapeDtypeStruct((bucket, *shape) if batched else shape, dtype)
+            for shape, dtype, batched in signature
+        ]
+        executable = jax.jit(transform).lower(*avals).compile()
         seconds = time.perf_counter() - start
         with self._lock:
             self.stats.compiles += 1
             self.stats.compile_seconds += seconds
         logger.info(
-            "compiled %s %s bucket=%d in %.3f s",
-            program.function_id[:12],
-            request.kind.value,
-            bucket,
-            seconds,
+            "compiled %s %s bucket=%d in %.3f s", program.function_id[:12], request, bucket, seconds
         )
         return executable

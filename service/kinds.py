@@ -1,8 +1,9 @@
-"""Derivative kinds: the JAX transform of a Program's one-point function for each kind.
+"""Derivative kinds: for each kind, the JAX transform of a Program at a batch of points.
 
-For f with input x of shape `in` (the `wrt` input) and output of shape `out`:
+For f with variable x of shape `in` (the `wrt` input, or the flat concatenation of several)
+and output of shape `out`, per point:
 
-    kind       needs               output per point, numerator layout
+    kind       needs               result, numerator layout
     value      -                   out
     gradient   out == ()           in
     jacobian   -                   out + in        (denominator: in + out)
@@ -10,8 +11,11 @@ For f with input x of shape `in` (the `wrt` input) and output of shape `out`:
     hvp        out == (), v: in    in
     jvp        t: in               out
     vjp        u: out              in
+    taylor2    out == ()           value (), gradient in, hessian in + in
+    taylor     d: in, order k      (k,) + out: d^j/dt^j f(x + t d) at t = 0, j = 1..k
 
-Every transform here maps one point to one result; the engine vmaps and jits it.
+Expression programs are transformed at one point and vmapped (shared inputs with in_axes
+None); JAX-export programs only run batched and in reverse mode (exported.py).
 """
 
 from __future__ import annotations
@@ -24,19 +28,22 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from hessd.service import exported
 from hessd.service.errors import InvalidArgument
-from hessd.service.program import Program
+from hessd.service.program import Program, Wrt
 
 __all__ = [
+    "MAX_TAYLOR_ORDER",
     "JacobianMode",
     "Kind",
     "Layout",
     "Request",
+    "in_layout",
     "make_request",
-    "make_transform",
-    "output_shape",
-    "vector_shape",
+    "shared_indices",
 ]
+
+MAX_TAYLOR_ORDER = 8
 
 
 class Kind(enum.Enum):
@@ -47,6 +54,8 @@ class Kind(enum.Enum):
     HVP = "hvp"
     JVP = "jvp"
     VJP = "vjp"
+    TAYLOR2 = "taylor2"
+    TAYLOR = "taylor"
 
 
 class JacobianMode(enum.Enum):
@@ -60,9 +69,10 @@ class Layout(enum.Enum):
     DENOMINATOR = "denominator"
 
 
-_NEEDS_SCALAR = (Kind.GRADIENT, Kind.HVP)
-_TAKES_VECTOR = (Kind.HVP, Kind.JVP, Kind.VJP)
+_NEEDS_SCALAR = (Kind.GRADIENT, Kind.HVP, Kind.TAYLOR2)
+_TAKES_VECTOR = (Kind.HVP, Kind.JVP, Kind.VJP, Kind.TAYLOR)
 _HAS_LAYOUT = (Kind.GRADIENT, Kind.JACOBIAN, Kind.HESSIAN)
+_SPLITS = (Kind.VALUE, Kind.GRADIENT, Kind.JACOBIAN, Kind.HESSIAN, Kind.VJP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,34 +80,125 @@ class Request:
     """What to compute of a Program; hashable, part of the engine's cache key.
 
     `mode` is resolved (never AUTO) so that auto and its choice share one executable.
+    `shared` holds the indices of inputs sent once for all points.
     """
 
     kind: Kind
-    wrt: int = 0
+    wrt: Wrt = Wrt((0,))
     mode: JacobianMode = JacobianMode.REVERSE
     layout: Layout = Layout.NUMERATOR
+    order: int = 0
+    shared: tuple[int, ...] = ()
 
     @property
     def takes_vector(self) -> bool:
         return self.kind in _TAKES_VECTOR
 
+    def vector_shape(self, program: Program) -> tuple[int, ...]:
+        """Shape of the per-point vector an hvp/jvp/taylor (in) or vjp (out) takes."""
+        if self.kind is Kind.VJP:
+            return program.output_shape
+        return self.wrt.shape(program)
+
+    def output_shapes(self, program: Program) -> dict[str, tuple[int, ...]]:
+        """Shape of each result at one point, by name; one-result kinds name it "output"."""
+        out = program.output_shape
+        denominator = self.layout is Layout.DENOMINATOR
+        if self.wrt.split and self.kind is not Kind.VALUE:
+            xs = {program.inputs[i].name: program.inputs[i].shape for i in self.wrt.indices}
+            match self.kind:
+                case Kind.GRADIENT | Kind.VJP:
+                    return xs
+                case Kind.JACOBIAN:
+                    return {n: x + out if denominator else out + x for n, x in xs.items()}
+                case Kind.HESSIAN:
+                    return {
+                        f"{a},{b}": xa + xb + out if denominator else out + xa + xb
+                        for a, xa in xs.items()
+                        for b, xb in xs.items()
+                    }
+        x = self.wrt.shape(program)
+        match self.kind:
+            case Kind.VALUE | Kind.JVP:
+                shape = out
+            case Kind.GRADIENT | Kind.HVP | Kind.VJP:
+                shape = x
+            case Kind.JACOBIAN:
+                shape = x + out if denominator else out + x
+            case Kind.HESSIAN:
+                shape = x + x + out if denominator else out + x + x
+            case Kind.TAYLOR:
+                shape = (self.order, *out)
+            case Kind.TAYLOR2:
+                return {"value": (), "gradient": x, "hessian": x + x}
+        return {"output": shape}
+
+    def max_chunk(self, program: Program) -> int | None:
+        """No limit beyond the engine's: these kinds hold nothing per point beyond output."""
+        return None
+
+    def transform(self, program: Program) -> Callable:
+        """g(*inputs[, vector]) at a batch of points: batched inputs and vector have a
+        leading batch axis, shared inputs none. Returns an array or a dict of arrays."""
+        if program.fn is None:
+            return exported.batched_transform(self, program)
+        per_point = _TRANSFORMS[self.kind](self, program)
+        in_axes = [None if i in self.shared else 0 for i in range(len(program.inputs))]
+        return jax.vmap(per_point, in_axes=(*in_axes, *[0] * self.takes_vector))
+
+    def finish(self, program: Program, result, lead: int):
+        """Layout and per-input split of a raw numerator-layout result on the flat or
+        single variable; `lead` leading axes (the batch) are left in front."""
+        n_out = len(program.output_shape)
+        match self.kind:
+            case Kind.JACOBIAN:
+                result = in_layout(result, self.layout, n_out, lead)
+                axes = [lead] if self.layout is Layout.DENOMINATOR else [lead + n_out]
+            case Kind.HESSIAN:
+                result = in_layout(result, self.layout, n_out, lead)
+                first = lead if self.layout is Layout.DENOMINATOR else lead + n_out
+                axes = [first, first + 1]
+            case Kind.GRADIENT | Kind.VJP:
+                axes = [lead]
+            case _:
+                return result
+        return self.wrt.blocks(program, result, axes) if self.wrt.split else result
+
+
+def shared_indices(program: Program, names) -> tuple[int, ...]:
+    """Sorted positions of the shared inputs; at least one input must stay per point."""
+    shared = tuple(sorted(program.indices(names, "shared")))
+    if len(shared) == len(program.inputs):
+        raise InvalidArgument(
+            "every input is shared, so there are no points: send at least one input "
+            "per point, with a leading batch axis"
+        )
+    return shared
+
 
 def make_request(
     program: Program,
     kind: Kind,
-    wrt: str = "",
+    wrt: tuple[str, ...] = (),
     mode: JacobianMode = JacobianMode.AUTO,
     layout: Layout = Layout.NUMERATOR,
+    order: int = 0,
+    flatten: bool = False,
+    shared: tuple[str, ...] = (),
 ) -> Request:
     """Check that `program` can have `kind` with these options; resolve the auto mode.
 
     Raises InvalidArgument in the manner of jax.grad's checks: what the function is, what
     the kind needs, and which kind to use instead.
     """
-    index = program.input_index(wrt)
+    variable = program.wrt(wrt, flatten)
     out = program.output_shape
     if kind in _NEEDS_SCALAR and out != ():
-        alternative = "jacobian" if kind is Kind.GRADIENT else "jvp of the gradient or jacobian"
+        alternative = {
+            Kind.GRADIENT: "jacobian",
+            Kind.HVP: "jvp of the gradient or jacobian",
+            Kind.TAYLOR2: "value, jacobian and hessian",
+        }[kind]
         raise InvalidArgument(
             f"{kind.value} is only defined for scalar-output functions; this function's "
             f"output has shape {out}. Use {alternative}, or reduce the output to a scalar "
@@ -109,92 +210,107 @@ def make_request(
         raise InvalidArgument(
             f"layout applies only to gradient, jacobian and hessian, not {kind.value}"
         )
+    if kind is Kind.TAYLOR and not 1 <= order <= MAX_TAYLOR_ORDER:
+        raise InvalidArgument(f"taylor needs order between 1 and {MAX_TAYLOR_ORDER}, got {order}")
+    if kind is not Kind.TAYLOR and order:
+        raise InvalidArgument(f"order applies only to kind taylor, not {kind.value}")
+    if variable.split and kind not in _SPLITS:
+        raise InvalidArgument(
+            f"{kind.value} with several wrt inputs takes one vector per point over all of "
+            "them: set flatten=True and send vectors over the concatenated raveled inputs"
+        )
+    if program.fn is None:
+        mode = exported.check_reverse_only(kind.value, mode.value, JacobianMode.REVERSE)
     if mode is JacobianMode.AUTO:
         # jacfwd costs one pass per input element, jacrev one per output element.
-        n_in = math.prod(program.inputs[index].shape)
+        n_in = math.prod(variable.shape(program))
         mode = JacobianMode.FORWARD if n_in < math.prod(out) else JacobianMode.REVERSE
-    return Request(kind=kind, wrt=index, mode=mode, layout=layout)
+    return Request(
+        kind=kind,
+        wrt=variable,
+        mode=mode,
+        layout=layout,
+        order=order,
+        shared=shared_indices(program, shared),
+    )
 
 
-def vector_shape(program: Program, request: Request) -> tuple[int, ...]:
-    """Shape of the per-point vector an hvp/jvp (in) or vjp (out) takes."""
-    if request.kind is Kind.VJP:
-        return program.output_shape
-    return program.inputs[request.wrt].shape
-
-
-def output_shape(program: Program, request: Request) -> tuple[int, ...]:
-    """Shape of the result at one point."""
-    x = program.inputs[request.wrt].shape
-    out = program.output_shape
-    match request.kind:
-        case Kind.VALUE | Kind.JVP:
-            return out
-        case Kind.GRADIENT | Kind.HVP | Kind.VJP:
-            return x
-        case Kind.JACOBIAN:
-            return x + out if request.layout is Layout.DENOMINATOR else out + x
-        case Kind.HESSIAN:
-            return x + x + out if request.layout is Layout.DENOMINATOR else out + x + x
-
-
-def make_transform(program: Program, request: Request) -> Callable[..., jax.Array]:
-    """The one-point function `g(*inputs[, vector]) -> result` for `request`."""
-    i = request.wrt
-    f = program.fn
-
-    def of_wrt(transform: Callable) -> Callable:
-        # Apply a single-argument transform to f as a function of input i alone.
-        def g(*args):
-            def f_i(x):
-                return f(*args[:i], x, *args[i + 1 :])
-
-            return transform(f_i, args[i])
-
-        return g
-
-    n_out = len(program.output_shape)
-    n_in = len(program.inputs[i].shape)
-    match request.kind:
-        case Kind.VALUE:
-            return f
-        case Kind.GRADIENT:
-            return of_wrt(lambda f_i, x: jax.grad(f_i)(x))
-        case Kind.JACOBIAN:
-            jac = jax.jacfwd if request.mode is JacobianMode.FORWARD else jax.jacrev
-            g = of_wrt(lambda f_i, x: jac(f_i)(x))
-            return _to_layout(g, request.layout, n_out, n_in, n_in_blocks=1)
-        case Kind.HESSIAN:
-            g = of_wrt(lambda f_i, x: jax.hessian(f_i)(x))
-            return _to_layout(g, request.layout, n_out, n_in, n_in_blocks=2)
-        case Kind.HVP:
-            # Forward-over-reverse: one JVP of the gradient, H never materialised.
-            return _with_vector(i, f, lambda f_i, x, v: jax.jvp(jax.grad(f_i), (x,), (v,))[1])
-        case Kind.JVP:
-            return _with_vector(i, f, lambda f_i, x, t: jax.jvp(f_i, (x,), (t,))[1])
-        case Kind.VJP:
-            return _with_vector(i, f, lambda f_i, x, u: jax.vjp(f_i, x)[1](u)[0])
-
-
-def _with_vector(i: int, f: Callable, transform: Callable) -> Callable:
-    def g(*args):
-        *inputs, vector = args
-
-        def f_i(x):
-            return f(*inputs[:i], x, *inputs[i + 1 :])
-
-        return transform(f_i, inputs[i], vector)
-
-    return g
-
-
-def _to_layout(g: Callable, layout: Layout, n_out: int, n_in: int, n_in_blocks: int) -> Callable:
-    """Move the output axes of g's numerator-layout result behind its input axes."""
+def in_layout(result: jax.Array, layout: Layout, n_out: int, lead: int = 0) -> jax.Array:
+    """Move the n_out output axes (after `lead` leading ones) of a numerator-layout result
+    behind the rest: denominator layout."""
     if layout is Layout.NUMERATOR or n_out == 0:
+        return result
+    source = tuple(range(lead, lead + n_out))
+    return jnp.moveaxis(result, source, tuple(range(-n_out, 0)))
+
+
+def _per_point(compute: Callable) -> Callable:
+    """A kind's transform at one point: compute(request, f_x, x[, vector]), then finish."""
+
+    def make(request: Request, program: Program) -> Callable:
+        def g(*args):
+            inputs = args[: len(program.inputs)]
+            f_x, x = request.wrt.view(program, program.fn, inputs)
+            result = compute(request, f_x, x, *args[len(program.inputs) :])
+            return request.finish(program, result, lead=0)
+
         return g
-    perm = tuple(range(n_out, n_out + n_in * n_in_blocks)) + tuple(range(n_out))
 
-    def transposed(*args):
-        return jnp.transpose(g(*args), perm)
+    return make
 
-    return transposed
+
+def _jacobian(request, f_x, x):
+    jac = jax.jacfwd if request.mode is JacobianMode.FORWARD else jax.jacrev
+    return jac(f_x)(x)
+
+
+def _taylor2(request, f_x, x):
+    # jacfwd of value_and_grad: the Hessian's forward passes carry the value and gradient
+    # along as aux, so the three come from one traversal instead of three.
+    def grad_with_aux(x):
+        value, grad = jax.value_and_grad(f_x)(x)
+        return grad, (value, grad)
+
+    hessian, (value, grad) = jax.jacfwd(grad_with_aux, has_aux=True)(x)
+    return {"value": value, "gradient": grad, "hessian": hessian}
+
+
+def _taylor(request, f_x, x, d):
+    """d^j/dt^j f(x + t d) at t = 0 for j = 1..order, stacked: (order, *out).
+
+    Nested JVPs of the scalar-parameter path t -> f(x + t d): each level differentiates
+    the whole stack [g, g', …, g^(j-1)] of the level below once more, so one trace yields
+    every order. jax.experimental.jet would cost O(order²) instead of O(2^order), but it
+    lacks rules for primitives this service exposes (custom_linear_solve, reduce_prod) and
+    mishandles others (where, relu's custom_jvp), so for orders up to MAX_TAYLOR_ORDER the
+    nested form is the one that is right for every expression.
+    """
+
+    def level0(t):
+        return f_x(x + t * d)[None]
+
+    def differentiated(stack):
+        def next_stack(t):
+            primal, tangent = jax.jvp(stack, (t,), (jnp.ones((), t.dtype),))
+            return jnp.concatenate([primal[:1], tangent])
+
+        return next_stack
+
+    stack = level0
+    for _ in range(request.order):
+        stack = differentiated(stack)
+    return stack(jnp.zeros((), x.dtype))[1:]
+
+
+_TRANSFORMS = {
+    Kind.VALUE: lambda request, program: program.fn,
+    Kind.GRADIENT: _per_point(lambda request, f_x, x: jax.grad(f_x)(x)),
+    Kind.JACOBIAN: _per_point(_jacobian),
+    Kind.HESSIAN: _per_point(lambda request, f_x, x: jax.hessian(f_x)(x)),
+    # Forward-over-reverse: one JVP of the gradient, H never materialised.
+    Kind.HVP: _per_point(lambda request, f_x, x, v: jax.jvp(jax.grad(f_x), (x,), (v,))[1]),
+    Kind.JVP: _per_point(lambda request, f_x, x, t: jax.jvp(f_x, (x,), (t,))[1]),
+    Kind.VJP: _per_point(lambda request, f_x, x, u: jax.vjp(f_x, x)[1](u)[0]),
+    Kind.TAYLOR2: _per_point(_taylor2),
+    Kind.TAYLOR: _per_point(_taylor),
+}

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-from collections.abc import Callable
+import itertools
+import math
+from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from hessd.proto import codec
 from hessd.proto.v1 import hessd_pb2
 from hessd.service.errors import InvalidArgument
 from hessd.service.expression import ExpressionLimits, compile_expression
 
-__all__ = ["InputSignature", "Program", "build_program", "function_id"]
+__all__ = ["InputSignature", "Program", "Wrt", "build_program", "check_inputs", "function_id"]
 
 # The dtypes an input may be declared with: the ones JAX differentiates.
 _INPUT_DTYPES = (np.dtype("float32"), np.dtype("float64"))
@@ -33,27 +38,112 @@ class InputSignature:
 class Program:
     """A registered function, ready for the derivative kinds.
 
-    `fn(*inputs)` evaluates f at one point: input i has shape `inputs[i].shape`, the result
-    has shape `output_shape` and dtype `output_dtype`.
+    An expression program has `fn(*inputs)`, f at one point: input i has shape
+    `inputs[i].shape`, the result `output_shape` and `output_dtype`; every JAX transform
+    applies. A JAX-export program has only `batched_fn(*inputs)`, f at a batch of points
+    (each input with a leading batch axis, shared ones broadcast), which supports reverse
+    mode alone and does not vmap.
     """
 
     function_id: str
     inputs: tuple[InputSignature, ...]
     output_shape: tuple[int, ...]
     output_dtype: np.dtype
-    fn: Callable[..., jax.Array]
+    fn: Callable[..., jax.Array] | None = None
+    batched_fn: Callable[..., jax.Array] | None = None
 
-    def input_index(self, name: str) -> int:
-        """Position of the input called `name` (the first input if `name` is empty)."""
-        if not name:
-            return 0
-        for i, signature in enumerate(self.inputs):
-            if signature.name == name:
-                return i
-        raise InvalidArgument(
-            f"wrt={name!r} is not an input of this function; its inputs are "
-            + ", ".join(repr(s.name) for s in self.inputs)
-        )
+    def indices(self, names: Sequence[str], what: str) -> tuple[int, ...]:
+        """Positions of the inputs called `names`; InvalidArgument for unknown or repeated."""
+        indices = []
+        for name in names:
+            matches = [i for i, s in enumerate(self.inputs) if s.name == name]
+            if not matches:
+                raise InvalidArgument(
+                    f"{what}={name!r} is not an input of this function; its inputs are "
+                    + ", ".join(repr(s.name) for s in self.inputs)
+                )
+            if matches[0] in indices:
+                raise InvalidArgument(f"{what} names {name!r} twice")
+            indices.append(matches[0])
+        return tuple(indices)
+
+    def wrt(self, names: Sequence[str] = (), flatten: bool = False) -> Wrt:
+        """The inputs called `names` (the first input if none) as a Wrt."""
+        return Wrt(self.indices(names or [self.inputs[0].name], "wrt"), flatten)
+
+
+@dataclasses.dataclass(frozen=True)
+class Wrt:
+    """The inputs derivatives are taken with respect to.
+
+    One input, not flattened: the variable is that input, shape as declared. Several inputs,
+    or `flatten`: the variable is the concatenation of the raveled inputs, shape (p,), and
+    results for several inputs without `flatten` are split back into per-input blocks.
+    """
+
+    indices: tuple[int, ...]
+    flatten: bool = False
+
+    @property
+    def flat(self) -> bool:
+        return self.flatten or len(self.indices) > 1
+
+    @property
+    def split(self) -> bool:
+        """Whether results come back per input (several inputs, not flattened)."""
+        return len(self.indices) > 1 and not self.flatten
+
+    def shape(self, program: Program) -> tuple[int, ...]:
+        """Shape of the variable at one point."""
+        shapes = [program.inputs[i].shape for i in self.indices]
+        return (sum(math.prod(s) for s in shapes),) if self.flat else shapes[0]
+
+    def view(self, program: Program, f: Callable, inputs: Sequence) -> tuple[Callable, jax.Array]:
+        """(f_x, x): f as a function of the variable alone, the other inputs fixed, and the
+        variable's value at `inputs`. Works per point and on batches alike: axes of the
+        inputs in front of their declared shapes are kept in front of the variable's."""
+        if not self.flat:
+            (i,) = self.indices
+            return _replacing(f, inputs, {i: lambda x: x}), inputs[i]
+        first = self.indices[0]
+        leading = inputs[first].shape[: inputs[first].ndim - len(program.inputs[first].shape)]
+        parts = [inputs[i].reshape(*leading, -1) for i in self.indices]
+        offsets = np.cumsum([0] + [math.prod(program.inputs[i].shape) for i in self.indices])
+        unflatten = {
+            i: functools.partial(_unflatten, start=a, stop=b, shape=program.inputs[i].shape)
+            for i, a, b in zip(self.indices, offsets[:-1], offsets[1:], strict=True)
+        }
+        return _replacing(f, inputs, unflatten), jnp.concatenate(parts, axis=-1)
+
+    def blocks(self, program: Program, result: jax.Array, axes: Sequence[int]) -> dict:
+        """Split a result whose `axes` run over the flat variable into per-input blocks:
+        one axis gives {name: block}, two give {"a,b": block} for every pair."""
+        names = [program.inputs[i].name for i in self.indices]
+        shapes = [program.inputs[i].shape for i in self.indices]
+        offsets = np.cumsum([0] + [math.prod(s) for s in shapes])
+        pieces = list(zip(names, shapes, offsets[:-1], offsets[1:], strict=True))
+        out = {}
+        for combo in itertools.product(pieces, repeat=len(axes)):
+            block = result
+            # Later axes first, so that earlier axis numbers stay valid as shapes grow.
+            for axis, (_, shape, a, b) in sorted(zip(axes, combo, strict=True), reverse=True):
+                block = lax.slice_in_dim(block, int(a), int(b), axis=axis)
+                block = block.reshape(*block.shape[:axis], *shape, *block.shape[axis + 1 :])
+            out[",".join(name for name, *_ in combo)] = block
+        return out
+
+
+def _unflatten(z, start: int, stop: int, shape: tuple[int, ...]):
+    return z[..., start:stop].reshape(*z.shape[:-1], *shape)
+
+
+def _replacing(f: Callable, inputs: Sequence, replace: dict[int, Callable]) -> Callable:
+    """x -> f(*inputs) with input i replaced by replace[i](x)."""
+
+    def f_x(x):
+        return f(*(replace[i](x) if i in replace else v for i, v in enumerate(inputs)))
+
+    return f_x
 
 
 def function_id(spec: hessd_pb2.FunctionSpec) -> str:
@@ -71,13 +161,13 @@ def function_id(spec: hessd_pb2.FunctionSpec) -> str:
 def build_program(
     spec: hessd_pb2.FunctionSpec, limits: ExpressionLimits = ExpressionLimits()
 ) -> Program:
-    """Validate `spec`, compile its expression and trace it once for the output shape.
+    """Validate an expression `spec`, compile it and trace it once for the output shape.
 
     Raises InvalidArgument saying what in the spec is wrong.
     """
     if spec.WhichOneof("body") != "expression":
         raise InvalidArgument("the spec has no body: set expression.source")
-    inputs = _check_inputs(spec.inputs)
+    inputs = check_inputs(spec.inputs)
     constants = _check_constants(spec.constants, {s.name for s in inputs})
     fn = compile_expression(spec.expression.source, [s.name for s in inputs], constants, limits)
     avals = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in inputs]
@@ -98,7 +188,7 @@ def build_program(
     )
 
 
-def _check_inputs(specs) -> tuple[InputSignature, ...]:
+def check_inputs(specs) -> tuple[InputSignature, ...]:
     if not specs:
         raise InvalidArgument("the spec declares no inputs; add at least one (name, shape)")
     inputs = []

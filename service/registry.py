@@ -6,6 +6,7 @@ import collections
 import threading
 
 from hessd.proto.v1 import hessd_pb2
+from hessd.service import exported
 from hessd.service.errors import NotFound
 from hessd.service.expression import ExpressionLimits
 from hessd.service.program import Program, build_program, function_id
@@ -20,20 +21,33 @@ class Registry:
     that meets NOT_FOUND registers again (any replica can rebuild any spec).
     """
 
-    def __init__(self, max_functions: int = 4096, limits: ExpressionLimits = ExpressionLimits()):
+    def __init__(
+        self,
+        max_functions: int = 4096,
+        limits: ExpressionLimits = ExpressionLimits(),
+        allow_jax_export: bool = False,
+    ):
         self.max_functions = max_functions
         self.limits = limits
+        self.allow_jax_export = allow_jax_export
         self._programs: collections.OrderedDict[str, Program] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def register(self, spec: hessd_pb2.FunctionSpec) -> Program:
-        """The Program of `spec`, built now unless already known. Raises InvalidArgument."""
+        """The Program of `spec`, built now unless already known.
+
+        Raises InvalidArgument for a bad spec, PermissionDenied for a jax_export spec on a
+        server that does not allow them.
+        """
         fid = function_id(spec)
         with self._lock:
             program = self._touch(fid)
         if program is not None:
             return program
-        program = build_program(spec, self.limits)
+        if spec.WhichOneof("body") == "jax_export":
+            program = exported.build_program(spec, self.allow_jax_export)
+        else:
+            program = build_program(spec, self.limits)
         with self._lock:
             self._programs[fid] = program
             while len(self._programs) > self.max_functions:

@@ -18,7 +18,7 @@ import numpy as np
 
 from hessd.proto import codec
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
-from hessd.service import kinds
+from hessd.service import analysis, kinds
 from hessd.service.config import ServerConfig
 from hessd.service.engine import Engine
 from hessd.service.errors import InvalidArgument, ResourceExhausted, ServiceError
@@ -36,6 +36,17 @@ _MODES = {
     hessd_pb2.AUTO: kinds.JacobianMode.AUTO,
     hessd_pb2.FORWARD: kinds.JacobianMode.FORWARD,
     hessd_pb2.REVERSE: kinds.JacobianMode.REVERSE,
+}
+_METHODS = {
+    hessd_pb2.SPECTRUM_METHOD_UNSPECIFIED: analysis.Method.EXACT,
+    hessd_pb2.EXACT: analysis.Method.EXACT,
+    hessd_pb2.LANCZOS: analysis.Method.LANCZOS,
+    hessd_pb2.TRACE: analysis.Method.TRACE,
+    hessd_pb2.DENSITY: analysis.Method.DENSITY,
+}
+_ESTIMATORS = {
+    hessd_pb2.HUTCHPP: analysis.TraceEstimator.HUTCHPP,
+    hessd_pb2.HUTCHINSON: analysis.TraceEstimator.HUTCHINSON,
 }
 _LAYOUTS = {
     hessd_pb2.LAYOUT_UNSPECIFIED: kinds.Layout.NUMERATOR,
@@ -71,7 +82,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             max_bucket=config.max_batch_bucket, cache_size=config.executable_cache_size
         )
         self.registry = Registry(
-            config.max_functions, ExpressionLimits(max_chars=config.max_expression_chars)
+            config.max_functions,
+            ExpressionLimits(max_chars=config.max_expression_chars),
+            allow_jax_export=config.allow_jax_export,
         )
 
     @_rpc
@@ -90,23 +103,75 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             raise InvalidArgument(
                 f"unknown kind {request.kind}; use one of " + ", ".join(k.value for k in kinds.Kind)
             )
-        if request.jacobian_mode not in _MODES or request.layout not in _LAYOUTS:
-            raise InvalidArgument("unknown jacobian_mode or layout value")
         task = kinds.make_request(
             program,
             _KINDS[request.kind],
-            request.wrt,
-            _MODES[request.jacobian_mode],
-            _LAYOUTS[request.layout],
+            tuple(request.wrt),
+            _enum(_MODES, request.jacobian_mode, "jacobian_mode"),
+            _enum(_LAYOUTS, request.layout, "layout"),
+            request.order,
+            request.flatten,
+            tuple(request.shared),
         )
-        inputs = _decode_inputs(program, request.inputs)
-        batch = inputs[0].shape[0]
+        args, batch = _decode_inputs(program, request.inputs, task.shared)
         vector = _decode_vector(program, task, request, batch)
-        self._check_output_size(program, task, batch)
-        output = self.engine.run(program, task, inputs, vector)
+        if vector is not None:
+            args.append(vector)
+        result = self._run(program, task, args)
         response = hessd_pb2.ComputeResponse()
-        codec.encode(output, out=response.output)
+        if isinstance(result, dict):
+            for name, array in result.items():
+                codec.encode(array, out=response.outputs.add(name=name).tensor)
+        else:
+            codec.encode(result, out=response.output)
         return response
+
+    @_rpc
+    def Spectrum(self, request, context):
+        program = self._program(request)
+        estimator = None
+        if request.trace_estimator:
+            estimator = _enum(_ESTIMATORS, request.trace_estimator, "trace_estimator")
+        task = analysis.make_spectrum_request(
+            program,
+            _enum(_METHODS, request.method, "method"),
+            tuple(request.wrt),
+            shared=tuple(request.shared),
+            eigenvectors=request.eigenvectors,
+            k=request.k,
+            num_steps=request.num_steps,
+            num_probes=request.num_probes,
+            num_matvecs=request.num_matvecs,
+            estimator=estimator,
+            seed=request.seed,
+            grid_size=request.grid_size,
+            tol=request.tol if request.HasField("tol") else None,
+            gtol=request.gtol if request.HasField("gtol") else None,
+            sigma=request.sigma if request.HasField("sigma") else None,
+            max_exact_n=self.config.max_exact_n,
+        )
+        args, _ = _decode_inputs(program, request.inputs, task.shared)
+        result = self._run(program, task, args)
+        response = hessd_pb2.SpectrumResponse()
+        for name, array in result.items():
+            codec.encode(array, out=getattr(response, name))
+        return response
+
+    def _run(self, program: Program, task, args: list[np.ndarray]):
+        """Check the output size against the limit, then run on the engine."""
+        batch = next(a for i, a in enumerate(args) if i not in task.shared).shape[0]
+        shapes = task.output_shapes(program)
+        itemsize = program.output_dtype.itemsize
+        nbytes = sum(math.prod((batch, *shape)) * itemsize for shape in shapes.values())
+        if nbytes > self.config.max_output_bytes:
+            described = ", ".join(f"{name} {(batch, *shape)}" for name, shape in shapes.items())
+            raise ResourceExhausted(
+                f"the result for {batch} points would be {described} of "
+                f"{program.output_dtype.name}, {nbytes} bytes, over this server's limit of "
+                f"{self.config.max_output_bytes} bytes (--max-output-bytes); send fewer "
+                "points per request"
+            )
+        return self.engine.run(program, task, args)
 
     @_rpc
     def ServerInfo(self, request, context):
@@ -125,6 +190,8 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 max_batch_bucket=c.max_batch_bucket,
                 max_expression_chars=c.max_expression_chars,
                 max_functions=c.max_functions,
+                max_exact_n=c.max_exact_n,
+                allow_jax_export=c.allow_jax_export,
             ),
         )
 
@@ -136,16 +203,12 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 return self.registry.register(request.spec)
         raise InvalidArgument("the request names no function: set function_id or spec")
 
-    def _check_output_size(self, program: Program, task: kinds.Request, batch: int) -> None:
-        shape = (batch, *kinds.output_shape(program, task))
-        nbytes = math.prod(shape) * program.output_dtype.itemsize
-        if nbytes > self.config.max_output_bytes:
-            raise ResourceExhausted(
-                f"the {task.kind.value} of {batch} points would be {shape} "
-                f"{program.output_dtype.name}, {nbytes} bytes, over this server's limit of "
-                f"{self.config.max_output_bytes} bytes (--max-output-bytes); send fewer "
-                "points per request"
-            )
+
+def _enum(table: dict, value: int, name: str):
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown {name} value {value}") from None
 
 
 def _decode(tensor: hessd_pb2.Tensor, what: str) -> np.ndarray:
@@ -155,8 +218,11 @@ def _decode(tensor: hessd_pb2.Tensor, what: str) -> np.ndarray:
         raise InvalidArgument(str(e)) from None
 
 
-def _decode_inputs(program: Program, named: list[hessd_pb2.NamedTensor]) -> list[np.ndarray]:
-    """One array per input of `program`, in its order, each checked (batch, *shape)."""
+def _decode_inputs(
+    program: Program, named: list[hessd_pb2.NamedTensor], shared: tuple[int, ...]
+) -> tuple[list[np.ndarray], int]:
+    """One array per input of `program`, in its order, and the batch size. Each is checked:
+    (batch, *shape), or (*shape) for the shared ones."""
     by_name: dict[str, hessd_pb2.Tensor] = {}
     for item in named:
         if item.name in by_name:
@@ -173,19 +239,27 @@ def _decode_inputs(program: Program, named: list[hessd_pb2.NamedTensor]) -> list
             + (f"unknown {unknown}" if unknown else "")
         )
     arrays = []
-    batch = None
-    for signature in program.inputs:
+    batch = first = None
+    for i, signature in enumerate(program.inputs):
         what = f"input {signature.name!r}"
         array = _decode(by_name[signature.name], what)
-        _check_points(array, signature.shape, signature.dtype, what)
-        if batch is not None and array.shape[0] != batch:
-            raise InvalidArgument(
-                f"{what} has {array.shape[0]} points but {program.inputs[0].name!r} has "
-                f"{batch}; every input needs the same batch size"
-            )
-        batch = array.shape[0]
+        if i in shared:
+            if array.shape != signature.shape or array.dtype != signature.dtype:
+                raise InvalidArgument(
+                    f"shared {what} has shape {array.shape} {array.dtype.name}; a shared input "
+                    f"is sent once, without a batch axis: {signature.shape} "
+                    f"{signature.dtype.name}"
+                )
+        else:
+            _check_points(array, signature.shape, signature.dtype, what)
+            if batch is not None and array.shape[0] != batch:
+                raise InvalidArgument(
+                    f"{what} has {array.shape[0]} points but {first!r} has {batch}; every "
+                    "input needs the same batch size (send parameters once with shared)"
+                )
+            batch, first = array.shape[0], signature.name
         arrays.append(array)
-    return arrays
+    return arrays, batch
 
 
 def _decode_vector(
@@ -195,16 +269,24 @@ def _decode_vector(
     if not task.takes_vector:
         if given:
             raise InvalidArgument(
-                f"kind {task.kind.value} takes no vector; only hvp, jvp and vjp do"
+                f"kind {task.kind.value} takes no vector; only hvp, jvp, vjp and taylor do"
             )
         return None
-    name = {kinds.Kind.HVP: "v", kinds.Kind.JVP: "tangent t", kinds.Kind.VJP: "cotangent u"}
+    name = {
+        kinds.Kind.HVP: "v",
+        kinds.Kind.JVP: "tangent t",
+        kinds.Kind.VJP: "cotangent u",
+        kinds.Kind.TAYLOR: "direction d",
+    }
     what = f"the {task.kind.value} {name[task.kind]}"
     if not given:
         raise InvalidArgument(f"{what} is missing: set vector, one per point")
     vector = _decode(request.vector, what)
-    dtype = program.output_dtype if task.kind is kinds.Kind.VJP else program.inputs[task.wrt].dtype
-    _check_points(vector, kinds.vector_shape(program, task), dtype, what)
+    if task.kind is kinds.Kind.VJP:
+        dtype = program.output_dtype
+    else:
+        dtype = np.result_type(*(program.inputs[i].dtype for i in task.wrt.indices))
+    _check_points(vector, task.vector_shape(program), dtype, what)
     if vector.shape[0] != batch:
         raise InvalidArgument(f"{what} has {vector.shape[0]} rows but there are {batch} points")
     return vector

@@ -24,21 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahessd/proto/v1/hessd.proto\x12\x08hessd.v1\"E\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.hessd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"=\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x06tensor\x18\x02 \x01(\x0b\x32\x10.hessd.v1.Tensor\"H\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1e\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0f.hessd.v1.DType\"\x1c\n\nExpression\x12\x0e\n\x06source\x18\x01 \x01(\t\"\x91\x01\n\x0c\x46unctionSpec\x12*\n\nexpression\x18\x01 \x01(\x0b\x32\x14.hessd.v1.ExpressionH\x00\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.hessd.v1.InputSpec\x12(\n\tconstants\x18\x04 \x03(\x0b\x32\x15.hessd.v1.NamedTensorB\x06\n\x04\x62ody\"7\n\x0fRegisterRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.hessd.v1.FunctionSpec\"d\n\x10RegisterResponse\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\x14\n\x0coutput_shape\x18\x02 \x03(\x03\x12%\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x0f.hessd.v1.DType\"\xa0\x02\n\x0e\x43omputeRequest\x12\x15\n\x0b\x66unction_id\x18\x01 \x01(\tH\x00\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x16.hessd.v1.FunctionSpecH\x00\x12\x1c\n\x04kind\x18\x03 \x01(\x0e\x32\x0e.hessd.v1.Kind\x12%\n\x06inputs\x18\x04 \x03(\x0b\x32\x15.hessd.v1.NamedTensor\x12 \n\x06vector\x18\x05 \x01(\x0b\x32\x10.hessd.v1.Tensor\x12\x0b\n\x03wrt\x18\x06 \x01(\t\x12-\n\rjacobian_mode\x18\x07 \x01(\x0e\x32\x16.hessd.v1.JacobianMode\x12 \n\x06layout\x18\x08 \x01(\x0e\x32\x10.hessd.v1.LayoutB\n\n\x08\x66unction\"3\n\x0f\x43omputeResponse\x12 \n\x06output\x18\x01 \x01(\x0b\x32\x10.hessd.v1.Tensor\"\x13\n\x11ServerInfoRequest\"4\n\x06\x44\x65vice\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\x8c\x01\n\x06Limits\x12\x19\n\x11max_request_bytes\x18\x01 \x01(\x03\x12\x18\n\x10max_output_bytes\x18\x02 \x01(\x03\x12\x18\n\x10max_batch_bucket\x18\x03 \x01(\x03\x12\x1c\n\x14max_expression_chars\x18\x04 \x01(\x03\x12\x15\n\rmax_functions\x18\x05 \x01(\x03\"\x90\x01\n\x12ServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0bjax_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12!\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x10.hessd.v1.Device\x12 \n\x06limits\x18\x05 \x01(\x0b\x32\x10.hessd.v1.Limits*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05INT64\x10\x06*k\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05VALUE\x10\x01\x12\x0c\n\x08GRADIENT\x10\x02\x12\x0c\n\x08JACOBIAN\x10\x03\x12\x0b\n\x07HESSIAN\x10\x04\x12\x07\n\x03HVP\x10\x05\x12\x07\n\x03JVP\x10\x06\x12\x07\n\x03VJP\x10\x07*Q\n\x0cJacobianMode\x12\x1d\n\x19JACOBIAN_MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x41UTO\x10\x01\x12\x0b\n\x07\x46ORWARD\x10\x02\x12\x0b\n\x07REVERSE\x10\x03*@\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\r\n\tNUMERATOR\x10\x01\x12\x0f\n\x0b\x44\x45NOMINATOR\x10\x02\x32\xd3\x01\n\x05Hessd\x12\x41\n\x08Register\x12\x19.hessd.v1.RegisterRequest\x1a\x1a.hessd.v1.RegisterResponse\x12>\n\x07\x43ompute\x12\x18.hessd.v1.ComputeRequest\x1a\x19.hessd.v1.ComputeResponse\x12G\n\nServerInfo\x12\x1b.hessd.v1.ServerInfoRequest\x1a\x1c.hessd.v1.ServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahessd/proto/v1/hessd.proto\x12\x08hessd.v1\"E\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.hessd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"=\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x06tensor\x18\x02 \x01(\x0b\x32\x10.hessd.v1.Tensor\"H\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1e\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0f.hessd.v1.DType\"\x1c\n\nExpression\x12\x0e\n\x06source\x18\x01 \x01(\t\"4\n\tJaxExport\x12\x12\n\nserialized\x18\x01 \x01(\x0c\x12\x13\n\x0bjax_version\x18\x02 \x01(\t\"\xbc\x01\n\x0c\x46unctionSpec\x12*\n\nexpression\x18\x01 \x01(\x0b\x32\x14.hessd.v1.ExpressionH\x00\x12)\n\njax_export\x18\x02 \x01(\x0b\x32\x13.hessd.v1.JaxExportH\x00\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.hessd.v1.InputSpec\x12(\n\tconstants\x18\x04 \x03(\x0b\x32\x15.hessd.v1.NamedTensorB\x06\n\x04\x62ody\"7\n\x0fRegisterRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.hessd.v1.FunctionSpec\"d\n\x10RegisterResponse\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\x14\n\x0coutput_shape\x18\x02 \x03(\x03\x12%\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x0f.hessd.v1.DType\"\xd0\x02\n\x0e\x43omputeRequest\x12\x15\n\x0b\x66unction_id\x18\x01 \x01(\tH\x00\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x16.hessd.v1.FunctionSpecH\x00\x12\x1c\n\x04kind\x18\x03 \x01(\x0e\x32\x0e.hessd.v1.Kind\x12%\n\x06inputs\x18\x04 \x03(\x0b\x32\x15.hessd.v1.NamedTensor\x12 \n\x06vector\x18\x05 \x01(\x0b\x32\x10.hessd.v1.Tensor\x12\x0b\n\x03wrt\x18\x06 \x03(\t\x12-\n\rjacobian_mode\x18\x07 \x01(\x0e\x32\x16.hessd.v1.JacobianMode\x12 \n\x06layout\x18\x08 \x01(\x0e\x32\x10.hessd.v1.Layout\x12\r\n\x05order\x18\t \x01(\x05\x12\x0f\n\x07\x66latten\x18\n \x01(\x08\x12\x0e\n\x06shared\x18\x0b \x03(\tB\n\n\x08\x66unction\"[\n\x0f\x43omputeResponse\x12 \n\x06output\x18\x01 \x01(\x0b\x32\x10.hessd.v1.Tensor\x12&\n\x07outputs\x18\x02 \x03(\x0b\x32\x15.hessd.v1.NamedTensor\"\xcf\x03\n\x0fSpectrumRequest\x12\x15\n\x0b\x66unction_id\x18\x01 \x01(\tH\x00\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x16.hessd.v1.FunctionSpecH\x00\x12%\n\x06inputs\x18\x03 \x03(\x0b\x32\x15.hessd.v1.NamedTensor\x12\x0e\n\x06shared\x18\x11 \x03(\t\x12\x0b\n\x03wrt\x18\x04 \x03(\t\x12(\n\x06method\x18\x05 \x01(\x0e\x32\x18.hessd.v1.SpectrumMethod\x12\x14\n\x0c\x65igenvectors\x18\x06 \x01(\x08\x12\t\n\x01k\x18\x07 \x01(\x05\x12\x10\n\x03tol\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04gtol\x18\t \x01(\x01H\x02\x88\x01\x01\x12\x11\n\tnum_steps\x18\n \x01(\x05\x12\x12\n\nnum_probes\x18\x0b \x01(\x05\x12\x13\n\x0bnum_matvecs\x18\x0c \x01(\x05\x12\x31\n\x0ftrace_estimator\x18\r \x01(\x0e\x32\x18.hessd.v1.TraceEstimator\x12\x0c\n\x04seed\x18\x0e \x01(\x04\x12\x11\n\tgrid_size\x18\x0f \x01(\x05\x12\x12\n\x05sigma\x18\x10 \x01(\x01H\x03\x88\x01\x01\x42\n\n\x08\x66unctionB\x06\n\x04_tolB\x07\n\x05_gtolB\x08\n\x06_sigma\"\x8e\x04\n\x10SpectrumResponse\x12%\n\x0b\x65igenvalues\x18\x01 \x01(\x0b\x32\x10.hessd.v1.Tensor\x12&\n\x0c\x65igenvectors\x18\x02 \x01(\x0b\x32\x10.hessd.v1.Tensor\x12\'\n\rgradient_norm\x18\x03 \x01(\x0b\x32\x10.hessd.v1.Tensor\x12%\n\x0bpoint_class\x18\x04 \x01(\x0b\x32\x10.hessd.v1.Tensor\x12$\n\nstationary\x18\x05 \x01(\x0b\x32\x10.hessd.v1.Tensor\x12\x1d\n\x03tol\x18\x06 \x01(\x0b\x32\x10.hessd.v1.Tensor\x12\x1e\n\x04gtol\x18\x07 \x01(\x0b\x32\x10.hessd.v1.Tensor\x12#\n\tresiduals\x18\x08 \x01(\x0b\x32\x10.hessd.v1.Tensor\x12\x1f\n\x05trace\x18\t \x01(\x0b\x32\x10.hessd.v1.Tensor\x12)\n\x0ftrace_std_error\x18\n \x01(\x0b\x32\x10.hessd.v1.Tensor\x12\x1f\n\x05nodes\x18\x0b \x01(\x0b\x32\x10.hessd.v1.Tensor\x12!\n\x07weights\x18\x0c \x01(\x0b\x32\x10.hessd.v1.Tensor\x12\x1e\n\x04grid\x18\r \x01(\x0b\x32\x10.hessd.v1.Tensor\x12!\n\x07\x64\x65nsity\x18\x0e \x01(\x0b\x32\x10.hessd.v1.Tensor\"\x13\n\x11ServerInfoRequest\"4\n\x06\x44\x65vice\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\xbb\x01\n\x06Limits\x12\x19\n\x11max_request_bytes\x18\x01 \x01(\x03\x12\x18\n\x10max_output_bytes\x18\x02 \x01(\x03\x12\x18\n\x10max_batch_bucket\x18\x03 \x01(\x03\x12\x1c\n\x14max_expression_chars\x18\x04 \x01(\x03\x12\x15\n\rmax_functions\x18\x05 \x01(\x03\x12\x13\n\x0bmax_exact_n\x18\x06 \x01(\x03\x12\x18\n\x10\x61llow_jax_export\x18\x07 \x01(\x08\"\x90\x01\n\x12ServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0bjax_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12!\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x10.hessd.v1.Device\x12 \n\x06limits\x18\x05 \x01(\x0b\x32\x10.hessd.v1.Limits*s\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05INT64\x10\x06\x12\x08\n\x04\x42OOL\x10\x07*\x84\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05VALUE\x10\x01\x12\x0c\n\x08GRADIENT\x10\x02\x12\x0c\n\x08JACOBIAN\x10\x03\x12\x0b\n\x07HESSIAN\x10\x04\x12\x07\n\x03HVP\x10\x05\x12\x07\n\x03JVP\x10\x06\x12\x07\n\x03VJP\x10\x07\x12\x0b\n\x07TAYLOR2\x10\x08\x12\n\n\x06TAYLOR\x10\t*Q\n\x0cJacobianMode\x12\x1d\n\x19JACOBIAN_MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x41UTO\x10\x01\x12\x0b\n\x07\x46ORWARD\x10\x02\x12\x0b\n\x07REVERSE\x10\x03*@\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\r\n\tNUMERATOR\x10\x01\x12\x0f\n\x0b\x44\x45NOMINATOR\x10\x02*a\n\x0eSpectrumMethod\x12\x1f\n\x1bSPECTRUM_METHOD_UNSPECIFIED\x10\x00\x12\t\n\x05\x45XACT\x10\x01\x12\x0b\n\x07LANCZOS\x10\x02\x12\t\n\x05TRACE\x10\x03\x12\x0b\n\x07\x44\x45NSITY\x10\x04*N\n\x0eTraceEstimator\x12\x1f\n\x1bTRACE_ESTIMATOR_UNSPECIFIED\x10\x00\x12\x0b\n\x07HUTCHPP\x10\x01\x12\x0e\n\nHUTCHINSON\x10\x02*_\n\nPointClass\x12\x1b\n\x17POINT_CLASS_UNSPECIFIED\x10\x00\x12\x0b\n\x07MINIMUM\x10\x01\x12\x0b\n\x07MAXIMUM\x10\x02\x12\n\n\x06SADDLE\x10\x03\x12\x0e\n\nDEGENERATE\x10\x04\x32\x96\x02\n\x05Hessd\x12\x41\n\x08Register\x12\x19.hessd.v1.RegisterRequest\x1a\x1a.hessd.v1.RegisterResponse\x12>\n\x07\x43ompute\x12\x18.hessd.v1.ComputeRequest\x1a\x19.hessd.v1.ComputeResponse\x12\x41\n\x08Spectrum\x12\x19.hessd.v1.SpectrumRequest\x1a\x1a.hessd.v1.SpectrumResponse\x12G\n\nServerInfo\x12\x1b.hessd.v1.ServerInfoRequest\x1a\x1c.hessd.v1.ServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hessd.proto.v1.hessd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1294
-  _globals['_DTYPE']._serialized_end=1399
-  _globals['_KIND']._serialized_start=1401
-  _globals['_KIND']._serialized_end=1508
-  _globals['_JACOBIANMODE']._serialized_start=1510
-  _globals['_JACOBIANMODE']._serialized_end=1591
-  _globals['_LAYOUT']._serialized_start=1593
-  _globals['_LAYOUT']._serialized_end=1657
+  _globals['_DTYPE']._serialized_start=2521
+  _globals['_DTYPE']._serialized_end=2636
+  _globals['_KIND']._serialized_start=2639
+  _globals['_KIND']._serialized_end=2771
+  _globals['_JACOBIANMODE']._serialized_start=2773
+  _globals['_JACOBIANMODE']._serialized_end=2854
+  _globals['_LAYOUT']._serialized_start=2856
+  _globals['_LAYOUT']._serialized_end=2920
+  _globals['_SPECTRUMMETHOD']._serialized_start=2922
+  _globals['_SPECTRUMMETHOD']._serialized_end=3019
+  _globals['_TRACEESTIMATOR']._serialized_start=3021
+  _globals['_TRACEESTIMATOR']._serialized_end=3099
+  _globals['_POINTCLASS']._serialized_start=3101
+  _globals['_POINTCLASS']._serialized_end=3196
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=109
   _globals['_NAMEDTENSOR']._serialized_start=111
@@ -47,24 +53,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INPUTSPEC']._serialized_end=246
   _globals['_EXPRESSION']._serialized_start=248
   _globals['_EXPRESSION']._serialized_end=276
-  _globals['_FUNCTIONSPEC']._serialized_start=279
-  _globals['_FUNCTIONSPEC']._serialized_end=424
-  _globals['_REGISTERREQUEST']._serialized_start=426
-  _globals['_REGISTERREQUEST']._serialized_end=481
-  _globals['_REGISTERRESPONSE']._serialized_start=483
-  _globals['_REGISTERRESPONSE']._serialized_end=583
-  _globals['_COMPUTEREQUEST']._serialized_start=586
-  _globals['_COMPUTEREQUEST']._serialized_end=874
-  _globals['_COMPUTERESPONSE']._serialized_start=876
-  _globals['_COMPUTERESPONSE']._serialized_end=927
-  _globals['_SERVERINFOREQUEST']._serialized_start=929
-  _globals['_SERVERINFOREQUEST']._serialized_end=948
-  _globals['_DEVICE']._serialized_start=950
-  _globals['_DEVICE']._serialized_end=1002
-  _globals['_LIMITS']._serialized_start=1005
-  _globals['_LIMITS']._serialized_end=1145
-  _globals['_SERVERINFORESPONSE']._serialized_start=1148
-  _globals['_SERVERINFORESPONSE']._serialized_end=1292
-  _globals['_HESSD']._serialized_start=1660
-  _globals['_HESSD']._serialized_end=1871
+  _globals['_JAXEXPORT']._serialized_start=278
+  _globals['_JAXEXPORT']._serialized_end=330
+  _globals['_FUNCTIONSPEC']._serialized_start=333
+  _globals['_FUNCTIONSPEC']._serialized_end=521
+  _globals['_REGISTERREQUEST']._serialized_start=523
+  _globals['_REGISTERREQUEST']._serialized_end=578
+  _globals['_REGISTERRESPONSE']._serialized_start=580
+  _globals['_REGISTERRESPONSE']._serialized_end=680
+  _globals['_COMPUTEREQUEST']._serialized_start=683
+  _globals['_COMPUTEREQUEST']._serialized_end=1019
+  _globals['_COMPUTERESPONSE']._serialized_start=1021
+  _globals['_COMPUTERESPONSE']._serialized_end=1112
+  _globals['_SPECTRUMREQUEST']._serialized_start=1115
+  _globals['_SPECTRUMREQUEST']._serialized_end=1578
+  _globals['_SPECTRUMRESPONSE']._serialized_start=1581
+  _globals['_SPECTRUMRESPONSE']._serialized_end=2107
+  _globals['_SERVERINFOREQUEST']._serialized_start=2109
+  _globals['_SERVERINFOREQUEST']._serialized_end=2128
+  _globals['_DEVICE']._serialized_start=2130
+  _globals['_DEVICE']._serialized_end=2182
+  _globals['_LIMITS']._serialized_start=2185
+  _globals['_LIMITS']._serialized_end=2372
+  _globals['_SERVERINFORESPONSE']._serialized_start=2375
+  _globals['_SERVERINFORESPONSE']._serialized_end=2519
+  _globals['_HESSD']._serialized_start=3199
+  _globals['_HESSD']._serialized_end=3477
 # @@protoc_insertion_point(module_scope)

@@ -16,6 +16,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BFLOAT16: _ClassVar[DType]
     INT32: _ClassVar[DType]
     INT64: _ClassVar[DType]
+    BOOL: _ClassVar[DType]
 
 class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -27,6 +28,8 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HVP: _ClassVar[Kind]
     JVP: _ClassVar[Kind]
     VJP: _ClassVar[Kind]
+    TAYLOR2: _ClassVar[Kind]
+    TAYLOR: _ClassVar[Kind]
 
 class JacobianMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +43,28 @@ class Layout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LAYOUT_UNSPECIFIED: _ClassVar[Layout]
     NUMERATOR: _ClassVar[Layout]
     DENOMINATOR: _ClassVar[Layout]
+
+class SpectrumMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPECTRUM_METHOD_UNSPECIFIED: _ClassVar[SpectrumMethod]
+    EXACT: _ClassVar[SpectrumMethod]
+    LANCZOS: _ClassVar[SpectrumMethod]
+    TRACE: _ClassVar[SpectrumMethod]
+    DENSITY: _ClassVar[SpectrumMethod]
+
+class TraceEstimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRACE_ESTIMATOR_UNSPECIFIED: _ClassVar[TraceEstimator]
+    HUTCHPP: _ClassVar[TraceEstimator]
+    HUTCHINSON: _ClassVar[TraceEstimator]
+
+class PointClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POINT_CLASS_UNSPECIFIED: _ClassVar[PointClass]
+    MINIMUM: _ClassVar[PointClass]
+    MAXIMUM: _ClassVar[PointClass]
+    SADDLE: _ClassVar[PointClass]
+    DEGENERATE: _ClassVar[PointClass]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT64: DType
@@ -47,6 +72,7 @@ FLOAT16: DType
 BFLOAT16: DType
 INT32: DType
 INT64: DType
+BOOL: DType
 KIND_UNSPECIFIED: Kind
 VALUE: Kind
 GRADIENT: Kind
@@ -55,6 +81,8 @@ HESSIAN: Kind
 HVP: Kind
 JVP: Kind
 VJP: Kind
+TAYLOR2: Kind
+TAYLOR: Kind
 JACOBIAN_MODE_UNSPECIFIED: JacobianMode
 AUTO: JacobianMode
 FORWARD: JacobianMode
@@ -62,6 +90,19 @@ REVERSE: JacobianMode
 LAYOUT_UNSPECIFIED: Layout
 NUMERATOR: Layout
 DENOMINATOR: Layout
+SPECTRUM_METHOD_UNSPECIFIED: SpectrumMethod
+EXACT: SpectrumMethod
+LANCZOS: SpectrumMethod
+TRACE: SpectrumMethod
+DENSITY: SpectrumMethod
+TRACE_ESTIMATOR_UNSPECIFIED: TraceEstimator
+HUTCHPP: TraceEstimator
+HUTCHINSON: TraceEstimator
+POINT_CLASS_UNSPECIFIED: PointClass
+MINIMUM: PointClass
+MAXIMUM: PointClass
+SADDLE: PointClass
+DEGENERATE: PointClass
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -97,15 +138,25 @@ class Expression(_message.Message):
     source: str
     def __init__(self, source: _Optional[str] = ...) -> None: ...
 
+class JaxExport(_message.Message):
+    __slots__ = ("serialized", "jax_version")
+    SERIALIZED_FIELD_NUMBER: _ClassVar[int]
+    JAX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    serialized: bytes
+    jax_version: str
+    def __init__(self, serialized: _Optional[bytes] = ..., jax_version: _Optional[str] = ...) -> None: ...
+
 class FunctionSpec(_message.Message):
-    __slots__ = ("expression", "inputs", "constants")
+    __slots__ = ("expression", "jax_export", "inputs", "constants")
     EXPRESSION_FIELD_NUMBER: _ClassVar[int]
+    JAX_EXPORT_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     CONSTANTS_FIELD_NUMBER: _ClassVar[int]
     expression: Expression
+    jax_export: JaxExport
     inputs: _containers.RepeatedCompositeFieldContainer[InputSpec]
     constants: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, expression: _Optional[_Union[Expression, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., constants: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    def __init__(self, expression: _Optional[_Union[Expression, _Mapping]] = ..., jax_export: _Optional[_Union[JaxExport, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., constants: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("spec",)
@@ -124,7 +175,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, function_id: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("function_id", "spec", "kind", "inputs", "vector", "wrt", "jacobian_mode", "layout")
+    __slots__ = ("function_id", "spec", "kind", "inputs", "vector", "wrt", "jacobian_mode", "layout", "order", "flatten", "shared")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -133,21 +184,99 @@ class ComputeRequest(_message.Message):
     WRT_FIELD_NUMBER: _ClassVar[int]
     JACOBIAN_MODE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    FLATTEN_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     spec: FunctionSpec
     kind: Kind
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     vector: Tensor
-    wrt: str
+    wrt: _containers.RepeatedScalarFieldContainer[str]
     jacobian_mode: JacobianMode
     layout: Layout
-    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., kind: _Optional[_Union[Kind, str]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., wrt: _Optional[str] = ..., jacobian_mode: _Optional[_Union[JacobianMode, str]] = ..., layout: _Optional[_Union[Layout, str]] = ...) -> None: ...
+    order: int
+    flatten: bool
+    shared: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., kind: _Optional[_Union[Kind, str]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., jacobian_mode: _Optional[_Union[JacobianMode, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., order: _Optional[int] = ..., flatten: _Optional[bool] = ..., shared: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
-    __slots__ = ("output",)
+    __slots__ = ("output", "outputs")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class SpectrumRequest(_message.Message):
+    __slots__ = ("function_id", "spec", "inputs", "shared", "wrt", "method", "eigenvectors", "k", "tol", "gtol", "num_steps", "num_probes", "num_matvecs", "trace_estimator", "seed", "grid_size", "sigma")
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    EIGENVECTORS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    TOL_FIELD_NUMBER: _ClassVar[int]
+    GTOL_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROBES_FIELD_NUMBER: _ClassVar[int]
+    NUM_MATVECS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    GRID_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    spec: FunctionSpec
+    inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    shared: _containers.RepeatedScalarFieldContainer[str]
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    method: SpectrumMethod
+    eigenvectors: bool
+    k: int
+    tol: float
+    gtol: float
+    num_steps: int
+    num_probes: int
+    num_matvecs: int
+    trace_estimator: TraceEstimator
+    seed: int
+    grid_size: int
+    sigma: float
+    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., shared: _Optional[_Iterable[str]] = ..., wrt: _Optional[_Iterable[str]] = ..., method: _Optional[_Union[SpectrumMethod, str]] = ..., eigenvectors: _Optional[bool] = ..., k: _Optional[int] = ..., tol: _Optional[float] = ..., gtol: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_probes: _Optional[int] = ..., num_matvecs: _Optional[int] = ..., trace_estimator: _Optional[_Union[TraceEstimator, str]] = ..., seed: _Optional[int] = ..., grid_size: _Optional[int] = ..., sigma: _Optional[float] = ...) -> None: ...
+
+class SpectrumResponse(_message.Message):
+    __slots__ = ("eigenvalues", "eigenvectors", "gradient_norm", "point_class", "stationary", "tol", "gtol", "residuals", "trace", "trace_std_error", "nodes", "weights", "grid", "density")
+    EIGENVALUES_FIELD_NUMBER: _ClassVar[int]
+    EIGENVECTORS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_NORM_FIELD_NUMBER: _ClassVar[int]
+    POINT_CLASS_FIELD_NUMBER: _ClassVar[int]
+    STATIONARY_FIELD_NUMBER: _ClassVar[int]
+    TOL_FIELD_NUMBER: _ClassVar[int]
+    GTOL_FIELD_NUMBER: _ClassVar[int]
+    RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_STD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    gradient_norm: Tensor
+    point_class: Tensor
+    stationary: Tensor
+    tol: Tensor
+    gtol: Tensor
+    residuals: Tensor
+    trace: Tensor
+    trace_std_error: Tensor
+    nodes: Tensor
+    weights: Tensor
+    grid: Tensor
+    density: Tensor
+    def __init__(self, eigenvalues: _Optional[_Union[Tensor, _Mapping]] = ..., eigenvectors: _Optional[_Union[Tensor, _Mapping]] = ..., gradient_norm: _Optional[_Union[Tensor, _Mapping]] = ..., point_class: _Optional[_Union[Tensor, _Mapping]] = ..., stationary: _Optional[_Union[Tensor, _Mapping]] = ..., tol: _Optional[_Union[Tensor, _Mapping]] = ..., gtol: _Optional[_Union[Tensor, _Mapping]] = ..., residuals: _Optional[_Union[Tensor, _Mapping]] = ..., trace: _Optional[_Union[Tensor, _Mapping]] = ..., trace_std_error: _Optional[_Union[Tensor, _Mapping]] = ..., nodes: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ..., density: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()
@@ -164,18 +293,22 @@ class Device(_message.Message):
     def __init__(self, id: _Optional[int] = ..., platform: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_request_bytes", "max_output_bytes", "max_batch_bucket", "max_expression_chars", "max_functions")
+    __slots__ = ("max_request_bytes", "max_output_bytes", "max_batch_bucket", "max_expression_chars", "max_functions", "max_exact_n", "allow_jax_export")
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_BUCKET_FIELD_NUMBER: _ClassVar[int]
     MAX_EXPRESSION_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXACT_N_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_JAX_EXPORT_FIELD_NUMBER: _ClassVar[int]
     max_request_bytes: int
     max_output_bytes: int
     max_batch_bucket: int
     max_expression_chars: int
     max_functions: int
-    def __init__(self, max_request_bytes: _Optional[int] = ..., max_output_bytes: _Optional[int] = ..., max_batch_bucket: _Optional[int] = ..., max_expression_chars: _Optional[int] = ..., max_functions: _Optional[int] = ...) -> None: ...
+    max_exact_n: int
+    allow_jax_export: bool
+    def __init__(self, max_request_bytes: _Optional[int] = ..., max_output_bytes: _Optional[int] = ..., max_batch_bucket: _Optional[int] = ..., max_expression_chars: _Optional[int] = ..., max_functions: _Optional[int] = ..., max_exact_n: _Optional[int] = ..., allow_jax_export: _Optional[bool] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
     __slots__ = ("version", "jax_version", "backend", "devices", "limits")

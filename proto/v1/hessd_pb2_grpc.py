@@ -44,6 +44,11 @@ class HessdStub:
                 request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.ComputeRequest.SerializeToString,
                 response_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.ComputeResponse.FromString,
                 _registered_method=True)
+        self.Spectrum = channel.unary_unary(
+                '/hessd.v1.Hessd/Spectrum',
+                request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumRequest.SerializeToString,
+                response_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumResponse.FromString,
+                _registered_method=True)
         self.ServerInfo = channel.unary_unary(
                 '/hessd.v1.Hessd/ServerInfo',
                 request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.ServerInfoRequest.SerializeToString,
@@ -60,6 +65,9 @@ class HessdServicer:
         INVALID_ARGUMENT: a refused expression (with line and column), a malformed input or
         constant, an expression whose shapes do not agree.
         RESOURCE_EXHAUSTED: the spec is over a size limit.
+        PERMISSION_DENIED: a jax_export spec on a server without --allow-jax-export.
+        INVALID_ARGUMENT for one whose module holds a custom call outside the allowlist, a
+        host transfer, disabled safety checks, or that a newer JAX made.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,10 +79,22 @@ class HessdServicer:
         dtype, tensor bytes that do not match the shape, a kind this function cannot have
         (gradient or hvp of a non-scalar function), an unknown `wrt`.
         NOT_FOUND: an unknown function_id (register it, or send the spec inline).
+        PERMISSION_DENIED: an inline jax_export spec on a server without --allow-jax-export.
         RESOURCE_EXHAUSTED: the output would exceed the server's limit; checked before any
         work is done.
         DEADLINE_EXCEEDED, CANCELLED: as set by the client.
         INTERNAL: a bug in the server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Spectrum(self, request, context):
+        """Eigenvalues, classification, trace or spectral density of the Hessian of a scalar
+        function at every point (see SpectrumMethod).
+        INVALID_ARGUMENT: as Compute, plus a non-scalar function, k or num_steps larger than
+        n allows, a method option given to another method.
+        NOT_FOUND, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED: as Compute.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,6 +119,11 @@ def add_HessdServicer_to_server(servicer, server):
                     servicer.Compute,
                     request_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.ComputeRequest.FromString,
                     response_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.ComputeResponse.SerializeToString,
+            ),
+            'Spectrum': grpc.unary_unary_rpc_method_handler(
+                    servicer.Spectrum,
+                    request_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumRequest.FromString,
+                    response_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumResponse.SerializeToString,
             ),
             'ServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerInfo,
@@ -160,6 +185,33 @@ class Hessd:
             '/hessd.v1.Hessd/Compute',
             hessd_dot_proto_dot_v1_dot_hessd__pb2.ComputeRequest.SerializeToString,
             hessd_dot_proto_dot_v1_dot_hessd__pb2.ComputeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Spectrum(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hessd.v1.Hessd/Spectrum',
+            hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumRequest.SerializeToString,
+            hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumResponse.FromString,
             options,
             channel_credentials,
             insecure,

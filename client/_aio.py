@@ -1,0 +1,86 @@
+"""AsyncClient: the Client's methods as coroutines, over grpc.aio, for asyncio pipelines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from hessd.client import _requests
+from hessd.client._client import CHANNEL_OPTIONS, _Kinds
+from hessd.client._errors import from_rpc_error
+from hessd.client._requests import Function, Points, Spectrum
+from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient(_Kinds):
+    """Client, awaited:
+
+        async with AsyncClient("127.0.0.1:50051") as c:
+            f = await c.register("sum(x**2)", {"x": (3,)})
+            g = await c.gradient(f, X)
+
+    Methods, arguments, results and exceptions are those of Client.
+    """
+
+    def __init__(self, target: str, *, timeout: float | None = 30.0):
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = hessd_pb2_grpc.HessdStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def server_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        reply = await self._call(self._stub.ServerInfo, hessd_pb2.ServerInfoRequest(), timeout)
+        return _requests.server_info_result(reply)
+
+    async def register(
+        self,
+        function: str | Callable,
+        inputs: Mapping[str, Sequence[int] | int],
+        constants: Mapping[str, Any] | None = None,
+        dtype: str | np.dtype = "float32",
+        *,
+        timeout: float | None = None,
+    ) -> Function:
+        dtype = np.dtype(dtype)
+        backend = (await self.server_info())["backend"] if callable(function) else None
+        request = _requests.register_request(function, inputs, constants, dtype, lambda: backend)
+        reply = await self._call(self._stub.Register, request, timeout)
+        return _requests.function_of(request, reply, dtype)
+
+    async def compute(
+        self, f: Function, kind: str, points: Points, *, timeout: float | None = None, **options
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        request = _requests.compute_request(f, kind, points, **options)
+        return _requests.compute_result(await self._call(self._stub.Compute, request, timeout))
+
+    async def spectrum(
+        self,
+        f: Function,
+        points: Points,
+        method: str = "exact",
+        *,
+        timeout: float | None = None,
+        **options,
+    ) -> Spectrum:
+        request = _requests.spectrum_request(f, points, method, **options)
+        return _requests.spectrum_result(await self._call(self._stub.Spectrum, request, timeout))
+
+    async def _call(self, method, request, timeout: float | None):
+        try:
+            return await method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None

@@ -1,0 +1,303 @@
+"""Requests and replies of the client, shared by Client and AsyncClient: everything but the
+call itself. Points and vectors are checked here, before anything is sent."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from hessd.client._errors import InvalidArgument
+from hessd.proto import codec
+from hessd.proto.v1 import hessd_pb2
+
+__all__ = ["Function", "Spectrum"]
+
+Points = Any  # an array-like (batch, *shape), or a mapping of input name to one
+Wrt = str | Sequence[str] | None
+
+_MODES = {"auto": hessd_pb2.AUTO, "forward": hessd_pb2.FORWARD, "reverse": hessd_pb2.REVERSE}
+_LAYOUTS = {"numerator": hessd_pb2.NUMERATOR, "denominator": hessd_pb2.DENOMINATOR}
+_METHODS = {
+    "exact": hessd_pb2.EXACT,
+    "lanczos": hessd_pb2.LANCZOS,
+    "trace": hessd_pb2.TRACE,
+    "density": hessd_pb2.DENSITY,
+}
+_ESTIMATORS = {
+    None: hessd_pb2.TRACE_ESTIMATOR_UNSPECIFIED,
+    "hutch++": hessd_pb2.HUTCHPP,
+    "hutchinson": hessd_pb2.HUTCHINSON,
+}
+# Index i holds the name of PointClass value i.
+_CLASS_NAMES = np.array(["unspecified", "minimum", "maximum", "saddle", "degenerate"])
+_VECTOR_KINDS = ("hvp", "jvp", "vjp", "taylor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Function:
+    """A registered function: its id, its inputs (name → shape of one point, in order),
+    the shape of its output at one point, and its dtype."""
+
+    id: str
+    inputs: dict[str, tuple[int, ...]]
+    output_shape: tuple[int, ...]
+    dtype: np.dtype
+    spec: hessd_pb2.FunctionSpec = dataclasses.field(repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spectrum:
+    """What Client.spectrum found, per point; a field a method does not produce is None.
+
+    eigenvalues      exact (batch, n) ascending; lanczos (batch, 2k): k smallest, k largest
+    eigenvectors     (batch, n, n) or (batch, n, 2k); column j belongs to eigenvalue j
+    gradient_norm    (batch,) ‖∇f(x)‖₂
+    point_class      (batch,) "minimum", "maximum", "saddle" or "degenerate"
+    stationary       (batch,) bool, ‖∇f‖ ≤ gtol
+    tol, gtol        (batch,) the tolerances used
+    residuals        lanczos (batch, 2k): ‖H y - θ y‖ per Ritz pair
+    trace            trace (batch,) and trace_std_error (batch,)
+    nodes, weights   density (batch, probes, steps): the SLQ quadrature
+    grid, density    density (batch, grid_size): the smoothed spectral density
+    """
+
+    gradient_norm: np.ndarray
+    eigenvalues: np.ndarray | None = None
+    eigenvectors: np.ndarray | None = None
+    point_class: np.ndarray | None = None
+    stationary: np.ndarray | None = None
+    tol: np.ndarray | None = None
+    gtol: np.ndarray | None = None
+    residuals: np.ndarray | None = None
+    trace: np.ndarray | None = None
+    trace_std_error: np.ndarray | None = None
+    nodes: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    grid: np.ndarray | None = None
+    density: np.ndarray | None = None
+
+
+def register_request(
+    function: str | Callable,
+    inputs: Mapping[str, Sequence[int] | int],
+    constants: Mapping[str, Any] | None,
+    dtype: np.dtype,
+    backend: Callable[[], str],
+) -> hessd_pb2.RegisterRequest:
+    """The RegisterRequest for an expression, or for a JAX callable (exported here; then
+    `backend()` names the platform to export for)."""
+    try:
+        declared = [
+            hessd_pb2.InputSpec(
+                name=name, shape=_shape(shape, name), dtype=codec.dtype_to_proto(dtype)
+            )
+            for name, shape in inputs.items()
+        ]
+        if callable(function):
+            if constants:
+                raise InvalidArgument("a callable takes no constants: close over them in fn")
+            from hessd.client._export import export_spec  # imports jax, only now
+
+            spec = export_spec(function, declared, dtype, backend())
+        else:
+            spec = hessd_pb2.FunctionSpec(
+                expression=hessd_pb2.Expression(source=function), inputs=declared
+            )
+            for name, value in (constants or {}).items():
+                array = codec.coerce(value, dtype, f"constant {name!r}")
+                codec.encode(array, out=spec.constants.add(name=name).tensor)
+    except codec.TensorError as e:
+        raise InvalidArgument(str(e)) from None
+    return hessd_pb2.RegisterRequest(spec=spec)
+
+
+def function_of(request: hessd_pb2.RegisterRequest, reply, dtype: np.dtype) -> Function:
+    return Function(
+        id=reply.function_id,
+        inputs={s.name: tuple(s.shape) for s in request.spec.inputs},
+        output_shape=tuple(reply.output_shape),
+        dtype=dtype,
+        spec=request.spec,
+    )
+
+
+def compute_request(
+    f: Function,
+    kind: str,
+    points: Points,
+    *,
+    vector: Any = None,
+    wrt: Wrt = None,
+    mode: str = "auto",
+    layout: str = "numerator",
+    order: int = 0,
+    flatten: bool = False,
+    shared: Sequence[str] = (),
+) -> hessd_pb2.ComputeRequest:
+    try:
+        kind_value = hessd_pb2.Kind.Value(kind.upper())
+    except ValueError:
+        raise InvalidArgument(f"unknown kind {kind!r}") from None
+    wrt = _names(wrt)
+    request = hessd_pb2.ComputeRequest(
+        function_id=f.id,
+        kind=kind_value,
+        wrt=wrt,
+        jacobian_mode=_option(_MODES, mode, "mode"),
+        layout=_option(_LAYOUTS, layout, "layout"),
+        order=order,
+        flatten=flatten,
+        shared=shared,
+    )
+    _encode_points(f, points, shared, request)
+    if vector is not None:
+        if kind not in _VECTOR_KINDS:
+            raise InvalidArgument(f"kind {kind} takes no vector; only hvp, jvp, vjp and taylor do")
+        shape = f.output_shape if kind == "vjp" else _variable_shape(f, wrt, flatten)
+        codec.encode(_checked(vector, shape, f.dtype, f"the {kind} vector"), out=request.vector)
+    return request
+
+
+def compute_result(reply: hessd_pb2.ComputeResponse) -> np.ndarray | dict[str, np.ndarray]:
+    # A writable copy would double the memory of a large result; decode's view is read-only.
+    if reply.outputs:
+        return {item.name: codec.decode(item.tensor, item.name) for item in reply.outputs}
+    return codec.decode(reply.output, "output")
+
+
+def spectrum_request(
+    f: Function,
+    points: Points,
+    method: str = "exact",
+    *,
+    wrt: Wrt = None,
+    shared: Sequence[str] = (),
+    eigenvectors: bool = False,
+    k: int = 0,
+    num_steps: int = 0,
+    num_probes: int = 0,
+    num_matvecs: int = 0,
+    trace_estimator: str | None = None,
+    seed: int = 0,
+    grid_size: int = 0,
+    tol: float | None = None,
+    gtol: float | None = None,
+    sigma: float | None = None,
+) -> hessd_pb2.SpectrumRequest:
+    request = hessd_pb2.SpectrumRequest(
+        function_id=f.id,
+        wrt=_names(wrt),
+        shared=shared,
+        method=_option(_METHODS, method, "method"),
+        eigenvectors=eigenvectors,
+        k=k,
+        num_steps=num_steps,
+        num_probes=num_probes,
+        num_matvecs=num_matvecs,
+        trace_estimator=_option(_ESTIMATORS, trace_estimator, "trace_estimator"),
+        seed=seed,
+        grid_size=grid_size,
+    )
+    for name, value in (("tol", tol), ("gtol", gtol), ("sigma", sigma)):
+        if value is not None:
+            setattr(request, name, value)
+    _encode_points(f, points, shared, request)
+    return request
+
+
+def spectrum_result(reply: hessd_pb2.SpectrumResponse) -> Spectrum:
+    fields = {field.name: codec.decode(value, field.name) for field, value in reply.ListFields()}
+    if "point_class" in fields:
+        fields["point_class"] = _CLASS_NAMES[fields["point_class"]]
+    return Spectrum(**fields)
+
+
+def server_info_result(reply: hessd_pb2.ServerInfoResponse) -> dict[str, Any]:
+    limits = reply.limits
+    return {
+        "version": reply.version,
+        "jax_version": reply.jax_version,
+        "backend": reply.backend,
+        "devices": [{"id": d.id, "platform": d.platform, "kind": d.kind} for d in reply.devices],
+        "limits": {f.name: getattr(limits, f.name) for f in limits.DESCRIPTOR.fields},
+    }
+
+
+def _names(wrt: Wrt) -> list[str]:
+    if wrt is None:
+        return []
+    return [wrt] if isinstance(wrt, str) else list(wrt)
+
+
+def _variable_shape(f: Function, wrt: list[str], flatten: bool) -> tuple[int, ...]:
+    """Shape of the variable derivatives are taken with respect to, as the server has it."""
+    names = wrt or [next(iter(f.inputs))]
+    unknown = [n for n in names if n not in f.inputs]
+    if unknown:
+        raise InvalidArgument(f"wrt={unknown[0]!r} is not an input; inputs are {list(f.inputs)}")
+    if flatten or len(names) > 1:
+        return (sum(int(np.prod(f.inputs[n])) for n in names),)
+    return f.inputs[names[0]]
+
+
+def _shape(shape: Sequence[int] | int, name: str) -> tuple[int, ...]:
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not all(isinstance(d, int | np.integer) and d >= 0 for d in shape):
+        raise InvalidArgument(f"input {name!r}: shape {shape} must be non-negative integers")
+    return shape
+
+
+def _option(table: dict, value, name: str) -> int:
+    try:
+        return table[value]
+    except KeyError:
+        choices = ", ".join(k for k in table if k is not None)
+        raise InvalidArgument(f"{name}={value!r}; use one of {choices}") from None
+
+
+def _encode_points(f: Function, points: Points, shared: Sequence[str], request) -> None:
+    """Check `points` against f's inputs and encode them into request.inputs, in place."""
+    if not isinstance(points, Mapping):
+        if len(f.inputs) != 1:
+            raise InvalidArgument(
+                f"this function has inputs {list(f.inputs)}; pass a dict of arrays, one per input"
+            )
+        points = {next(iter(f.inputs)): points}
+    if sorted(points) != sorted(f.inputs):
+        raise InvalidArgument(f"the function takes inputs {list(f.inputs)}; got {sorted(points)}")
+    if unknown := [n for n in shared if n not in f.inputs]:
+        raise InvalidArgument(f"shared={unknown[0]!r} is not an input; inputs are {list(f.inputs)}")
+    batch = None
+    for name, shape in f.inputs.items():
+        if name in shared:
+            array = _checked(points[name], shape, f.dtype, f"shared input {name!r}", batched=False)
+        else:
+            array = _checked(points[name], shape, f.dtype, f"input {name!r}")
+            if batch is not None and array.shape[0] != batch:
+                raise InvalidArgument(
+                    f"input {name!r} has {array.shape[0]} points, others have {batch}"
+                )
+            batch = array.shape[0]
+        codec.encode(array, out=request.inputs.add(name=name).tensor)
+
+
+def _checked(
+    value: Any, shape: tuple[int, ...], dtype: np.dtype, what: str, batched: bool = True
+) -> np.ndarray:
+    """`value` as an array of `dtype` and shape (batch, *shape), or (*shape) if not
+    `batched`; InvalidArgument otherwise. Anything np.asarray takes is welcome."""
+    try:
+        array = codec.coerce(value, dtype, what)
+        if batched:
+            codec.check_points(array, shape, dtype, what)
+        elif array.shape != shape:
+            raise InvalidArgument(
+                f"{what} has shape {array.shape}; a shared input is sent once, without a "
+                f"batch axis: {shape}"
+            )
+    except codec.TensorError as e:
+        raise InvalidArgument(str(e)) from None
+    return array
