@@ -37,6 +37,6 @@ def export_spec(
     except Exception as e:  # tracing user code: its own error is the useful message
         raise InvalidArgument(f"exporting {getattr(fn, '__name__', fn)!r} failed: {e}") from e
     return hessd_pb2.FunctionSpec(
-        jax_export=hessd_pb2.JaxExport(serialized=serialized, jax_version=jax.__version__),
+        jax_export=hessd_pb2.JaxExport(serialized=bytes(serialized), jax_version=jax.__version__),
         inputs=inputs,
     )

@@ -24,6 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+# JAX's own MLIR context and bindings: the ones jax.export itself parses artifacts with.
+from jax._src.interpreters import mlir as jax_mlir
+from jax._src.lib.mlir import ir
+
 from hessd.proto.v1 import hessd_pb2
 from hessd.service.errors import InvalidArgument, PermissionDenied
 from hessd.service.program import Program, check_inputs, function_id
@@ -124,20 +128,28 @@ def check_module(artifact: jax.export.Exported, what: str = "the function") -> N
 
 
 def _scan(text: str) -> tuple[set[str], set[str]]:
-    """(operation names, custom-call targets) of a module's text.
+    """(operation names, custom-call targets) of a module, from MLIR's own parse of it.
 
-    The text comes from this server's own MLIR printer after deserialising, so custom calls
-    appear in its pretty form (`stablehlo.custom_call @target(`). Anything that mentions a
-    custom call in another form is refused rather than guessed at.
+    A structural walk, not a text search: names, locations and string attributes (which an
+    artifact's author controls) cannot hide an op or fake one. The context is JAX's, so
+    every dialect an artifact may hold is registered.
     """
-    targets = set(re.findall(r"stablehlo\.custom_call @([\w.$-]+)", text))
-    targets |= set(re.findall(r'call_target_name = "([^"]*)"', text))
-    mentions = len(re.findall(r"custom_call", text))
-    if mentions > len(re.findall(r"stablehlo\.custom_call @", text)) + len(
-        re.findall(r"call_target_name =", text)
-    ):
-        targets.add("<custom call in an unrecognised form>")
-    ops = set(re.findall(r"\b((?:stablehlo|mhlo|chlo|func)\.\w+)", text))
+    ops: set[str] = set()
+    targets: set[str] = set()
+
+    def visit(op):
+        op = getattr(op, "operation", op)
+        ops.add(op.name)
+        if op.name == "stablehlo.custom_call":
+            targets.add(ir.StringAttr(op.attributes["call_target_name"]).value)
+        return ir.WalkResult.ADVANCE
+
+    with jax_mlir.make_ir_context():
+        try:
+            module = ir.Module.parse(text)
+        except ir.MLIRError as e:
+            raise InvalidArgument(f"the artifact's module could not be parsed: {e}") from None
+        module.operation.walk(visit)
     return ops, targets
 
 
