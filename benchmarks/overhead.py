@@ -18,10 +18,7 @@ import json
 import os
 import pathlib
 import platform
-import re
 import statistics
-import subprocess
-import sys
 import time
 
 import jax
@@ -30,24 +27,14 @@ import numpy as np
 
 from hessd.client import Client
 
+from _server import start_server
+
 WORKLOADS = [
     # (kind, n, batch)
     ("gradient", 256, 1024),
     ("hessian", 64, 256),
 ]
 EXPRESSION = "sum(tanh(A @ x)**2)"
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    args = [sys.executable, "-m", "hessd.service.cli", "serve", "--port", "0"]
-    args += ["--compile-cache-dir", ""]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        match = re.search(r"listening on ([\d.]+:\d+)", line)
-        if match:
-            return proc, match.group(1)
-    raise RuntimeError("the server exited before listening")
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -76,7 +63,7 @@ def main() -> None:
     backend = jax.default_backend()
     out = args.out or pathlib.Path(__file__).parent / "results" / f"overhead-{backend}.json"
 
-    proc, address = start_server()
+    proc, address, _ = start_server()
     rows = []
     try:
         with Client(address, timeout=600) as client:

@@ -580,6 +580,10 @@ def _write_atomically(path: Path, write: Callable[[Any], object]) -> None:
     (or a resume) sees the old file or the whole new one, never a part."""
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -604,9 +608,9 @@ def _plot(path: Path, result: Mapping[str, np.ndarray], method: str, function_id
     except ImportError:
         raise JobError("--plot needs matplotlib: pip install 'hessd[jobs]'") from None
     num_points = result["gradient_norm"].shape[0]
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
     canvas = FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
+    ax, along = figure.subplots(1, 2, width_ratios=(3, 2))
     if method == "density":
         grid, density = result["grid"], result["density"]
         common = np.linspace(grid.min(), grid.max(), grid.shape[1])
@@ -616,15 +620,38 @@ def _plot(path: Path, result: Mapping[str, np.ndarray], method: str, function_id
         )
         ax.plot(common, mean)
         ax.set_ylabel("spectral density, mean over points")
+        lo, hi = result["nodes"].min(axis=(1, 2)), result["nodes"].max(axis=(1, 2))
     else:
-        ax.hist(result["eigenvalues"].ravel(), bins=100, log=True)
+        eigenvalues = result["eigenvalues"]
+        # symlog: curvature spans decades on both sides of zero.
+        scale = np.max(np.abs(eigenvalues)) or 1.0
+        ax.hist(eigenvalues.ravel(), bins=_symlog_bins(eigenvalues, scale), log=True)
+        ax.set_xscale("symlog", linthresh=1e-4 * scale)
         ax.set_ylabel("count (log scale)")
+        lo, hi = eigenvalues[:, 0], eigenvalues[:, -1]
     ax.set_xlabel("Hessian eigenvalue λ")
     ax.set_title(f"{method}: {num_points} points, function {function_id[:12]}")
+    # The extremes per point, in the order of the points file: along a training run, how
+    # the curvature evolves.
+    index = np.arange(num_points)
+    along.plot(index, hi, "o-", label="λmax")
+    along.plot(index, lo, "o-", label="λmin")
+    along.axhline(0.0, color="gray", linewidth=0.8)
+    along.set_yscale("symlog", linthresh=1e-4 * (np.max(np.abs([lo, hi])) or 1.0))
+    along.set_xlabel("point (row of --points)")
+    along.set_ylabel("extreme eigenvalue")
+    along.legend()
     try:
         canvas.print_png(str(path))
     except OSError as e:
         raise JobError(f"cannot write the plot {path}: {e}") from None
+
+
+def _symlog_bins(values: np.ndarray, scale: float, per_side: int = 50) -> np.ndarray:
+    """Histogram edges evenly spaced on a symlog axis with linear range 1e-4 · scale."""
+    threshold = 1e-4 * scale
+    positive = np.geomspace(threshold, scale * (1 + 1e-9), per_side)
+    return np.concatenate([-positive[::-1], [0.0], positive])
 
 
 def _summary(

@@ -314,7 +314,7 @@ def make_spectrum_request(
                 f"lanczos finds the k smallest and k largest of n={n} eigenvalues, so k must be "
                 f"between 1 and {n // 2}; got k={k}. For every eigenvalue use method exact"
             )
-        num_steps = num_steps or min(n, max(2 * k + 20, 40))
+        num_steps = num_steps or min(n, max(2 * k + 40, 80))
         if not 2 * k <= num_steps <= n:
             raise InvalidArgument(
                 f"num_steps must be between 2k={2 * k} and n={n} for lanczos, got {num_steps}"

@@ -98,7 +98,7 @@ BULK = list(np.linspace(-1.0, 1.0, 95))
 def test_lanczos_finds_extreme_eigenvalues_and_vectors(client):
     f, a = quadratic(client, BULK + OUTLIERS)  # n = 100
     x = np.random.default_rng(1).normal(size=(2, 100))
-    s = client.spectrum(f, x, "lanczos", k=2, eigenvectors=True)  # 40 steps by default
+    s = client.spectrum(f, x, "lanczos", k=2, eigenvectors=True)
     expected = np.array([-5.0, -3.0, 4.0, 10.0])
     allclose(s.eigenvalues, np.tile(expected, (2, 1)), atol=1e-8)
     assert s.eigenvectors.shape == (2, 100, 4)
