@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 
 from hessd.client import _requests
-from hessd.client._client import CHANNEL_OPTIONS, _Kinds
-from hessd.client._errors import from_rpc_error
+from hessd.client._client import CHANNEL_OPTIONS, Connection, _Kinds, _with_spec
+from hessd.client._errors import NotFound, from_rpc_error
 from hessd.client._requests import Function, Points, Spectrum
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 
@@ -27,11 +27,17 @@ class AsyncClient(_Kinds):
     Methods, arguments, results and exceptions are those of Client.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = 30.0):
-        self.target = target
+    def __init__(self, target: str | Sequence[str], *, timeout: float | None = 30.0, **connection):
+        self.connection = Connection(target, **connection)
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        credentials = self.connection.credentials()
+        address = self.connection.address()
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self._stub = hessd_pb2_grpc.HessdStub(self._channel)
+        self._metadata = self.connection.metadata()
 
     async def close(self) -> None:
         await self._channel.close()
@@ -65,7 +71,8 @@ class AsyncClient(_Kinds):
         self, f: Function, kind: str, points: Points, *, timeout: float | None = None, **options
     ) -> np.ndarray | dict[str, np.ndarray]:
         request = _requests.compute_request(f, kind, points, **options)
-        return _requests.compute_result(await self._call(self._stub.Compute, request, timeout))
+        reply = await self._call_on(f, self._stub.Compute, request, timeout)
+        return _requests.compute_result(reply)
 
     async def spectrum(
         self,
@@ -77,10 +84,23 @@ class AsyncClient(_Kinds):
         **options,
     ) -> Spectrum:
         request = _requests.spectrum_request(f, points, method, **options)
-        return _requests.spectrum_result(await self._call(self._stub.Spectrum, request, timeout))
+        reply = await self._call_on(f, self._stub.Spectrum, request, timeout)
+        return _requests.spectrum_result(reply)
+
+    async def _call_on(self, f: Function, method, request, timeout: float | None):
+        try:
+            return await self._call(method, request, timeout)
+        except NotFound:
+            if f.spec is None:
+                raise
+            return await self._call(method, _with_spec(request, f), timeout)
 
     async def _call(self, method, request, timeout: float | None):
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None

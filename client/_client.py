@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -9,17 +12,99 @@ import grpc
 import numpy as np
 
 from hessd.client import _requests
-from hessd.client._errors import from_rpc_error
+from hessd.client._errors import NotFound, from_rpc_error
 from hessd.client._requests import Function, Points, Spectrum
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 
 __all__ = ["Client", "Function", "Spectrum"]
 
-# The server enforces its own size limits; the client accepts whatever it sends.
+# UNAVAILABLE (a replica stopping or restarting) is retried with backoff by gRPC itself;
+# round_robin spreads calls over every address a target resolves to.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": "hessd.v1.Hessd"}],
+            "retryPolicy": {
+                "maxAttempts": 5,  # gRPC's cap
+                "initialBackoff": "0.25s",
+                "maxBackoff": "4s",
+                "backoffMultiplier": 2.5,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
 CHANNEL_OPTIONS = [
+    # The server enforces its own size limits; the client accepts whatever it sends.
     ("grpc.max_receive_message_length", -1),
     ("grpc.max_send_message_length", -1),
+    ("grpc.enable_retries", 1),
+    # Reconnect to a restarted replica within a fraction of a second, not gRPC's default
+    # 1 s doubling to 120 s: a channel in backoff fails calls fast, retries included.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+    # A call is retried only while its request fits the retry buffer (256 KiB by default).
+    ("grpc.per_rpc_retry_buffer_size", 64 << 20),
+    ("grpc.retry_buffer_size", 256 << 20),
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    """Where and how to connect: shared by Client and AsyncClient.
+
+    target: "host:port", "dns:///name:port" (every address the name resolves to), or a list
+    of "ip:port" for several replicas; calls are spread round-robin. tls: use TLS, trusting
+    `root_certificates` (PEM bytes; None: the system's roots); with `certificate_chain` and
+    `private_key` (PEM) the client presents a certificate (mutual TLS). token: sent as
+    `authorization: Bearer <token>` with every call.
+    """
+
+    target: str | Sequence[str]
+    tls: bool = False
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    token: str | None = None
+
+    def address(self) -> str:
+        if isinstance(self.target, str):
+            return self.target
+        hosts = [t.rpartition(":")[0] for t in self.target]
+        if all(_is_ipv4(h) for h in hosts):
+            return "ipv4:" + ",".join(self.target)
+        raise ValueError(
+            f"several targets must be ip:port addresses, got {list(self.target)}; for host "
+            "names use one 'dns:///name:port' target, which resolves to every replica"
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not (self.tls or self.root_certificates or self.certificate_chain):
+            return None
+        return grpc.ssl_channel_credentials(
+            self.root_certificates, self.private_key, self.certificate_chain
+        )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def _with_spec(request, f: Function):
+    """A copy of `request` that carries f's spec instead of its id."""
+    inline = type(request)()
+    inline.CopyFrom(request)
+    inline.spec.CopyFrom(f.spec)  # one of function_id / spec: clears the id
+    return inline
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class _Kinds:
@@ -87,16 +172,28 @@ class Client(_Kinds):
     may be anything np.asarray takes (numpy, JAX arrays, PyTorch CPU tensors, lists);
     results are numpy arrays.
 
+    Connection options (see Connection): a list of addresses or a dns:/// target spreads
+    calls round-robin over replicas; `tls=True`, `root_certificates=`, `certificate_chain=`,
+    `private_key=` for TLS and mutual TLS; `token=` for servers that require one. gRPC
+    retries UNAVAILABLE with backoff, and a function a server does not know is registered
+    there again transparently.
+
     Derivative options: `wrt` names the input (or a list of inputs: results per input, or
     with `flatten=True` with respect to their concatenation); `shared` lists inputs sent
     once for all points, without a batch axis.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = 30.0):
-        self.target = target
+    def __init__(self, target: str | Sequence[str], *, timeout: float | None = 30.0, **connection):
+        self.connection = Connection(target, **connection)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        credentials = self.connection.credentials()
+        address = self.connection.address()
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self._stub = hessd_pb2_grpc.HessdStub(self._channel)
+        self._metadata = self.connection.metadata()
 
     def close(self) -> None:
         self._channel.close()
@@ -141,7 +238,7 @@ class Client(_Kinds):
         """The general call behind value … taylor: `kind` is one of those method names;
         options are theirs (vector, wrt, mode, layout, order, flatten, shared)."""
         request = _requests.compute_request(f, kind, points, **options)
-        return _requests.compute_result(self._call(self._stub.Compute, request, timeout))
+        return _requests.compute_result(self._call_on(f, self._stub.Compute, request, timeout))
 
     def spectrum(
         self,
@@ -161,10 +258,25 @@ class Client(_Kinds):
         take the server's defaults; one that does not apply to `method` is refused.
         """
         request = _requests.spectrum_request(f, points, method, **options)
-        return _requests.spectrum_result(self._call(self._stub.Spectrum, request, timeout))
+        return _requests.spectrum_result(self._call_on(f, self._stub.Spectrum, request, timeout))
+
+    def _call_on(self, f: Function, method, request, timeout: float | None):
+        """Call about f; if the server does not know f (restarted, or another replica), call
+        once more with f's spec inline, which registers it on whichever replica answers.
+        Ids are content-addressed, so f.id stays valid everywhere."""
+        try:
+            return self._call(method, request, timeout)
+        except NotFound:
+            if f.spec is None:
+                raise
+            return self._call(method, _with_spec(request, f), timeout)
 
     def _call(self, method, request, timeout: float | None):
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None

@@ -218,6 +218,7 @@ def spectrum_result(reply: hessd_pb2.SpectrumResponse) -> Spectrum:
 def server_info_result(reply: hessd_pb2.ServerInfoResponse) -> dict[str, Any]:
     limits = reply.limits
     return {
+        "server_id": reply.server_id,
         "version": reply.version,
         "jax_version": reply.jax_version,
         "backend": reply.backend,

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         serve.add_argument(
             flag,
-            type=int if field.type == "int" else str,
+            type=int if field.type.startswith("int") else str,
             default=default,
             help=field.metadata["help"] + " (default: %(default)s)",
         )
@@ -62,10 +62,23 @@ def serve_forever(config: ServerConfig, grace: float) -> int:
     from hessd.service.server import create_server
 
     log = logging.getLogger("hessd")
-    server, port = create_server(config)
-    devices = jax.devices()  # brings the backend up before we say we are listening
+    try:
+        server, port = create_server(config)
+    except (OSError, ValueError) as e:  # a port in use, a missing certificate, bad tokens
+        log.error("cannot start: %s", e)
+        return 1
     server.start()
-    log.info("listening on %s:%d (%s: %s)", config.host, port, jax.default_backend(), devices)
+    log.info(
+        "listening on %s:%d (%s: %s%s%s)",
+        config.host,
+        port,
+        jax.default_backend(),
+        jax.devices(),
+        ", TLS" if config.tls_cert else "",
+        ", tokens" if server.tokens.enabled else "",
+    )
+    if server.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", config.host, server.metrics_port)
 
     stop = threading.Event()
 
@@ -76,7 +89,7 @@ def serve_forever(config: ServerConfig, grace: float) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     stop.wait()
-    server.stop(grace).wait()
+    server.stop(grace).wait()  # NOT_SERVING and UNAVAILABLE at once, in-flight calls finish
     log.info("stopped")
     return 0
 

@@ -38,6 +38,15 @@ class ServerConfig:
         False, "accept jax_export specs: artifacts that run native code (see README)"
     )
     workers: int = _field(16, "threads serving calls")
+    tls_cert: str | None = _field(None, "PEM certificate chain: serve TLS")
+    tls_key: str | None = _field(None, "PEM private key of --tls-cert")
+    tls_client_ca: str | None = _field(
+        None, "PEM CA certificates: mutual TLS, clients must present a certificate it signed"
+    )
+    tokens_file: str | None = _field(
+        None, "JSON bearer tokens (README); else the HESSD_TOKENS variable; neither: no auth"
+    )
+    metrics_port: int | None = _field(None, "serve Prometheus metrics on this port")
     compile_cache_dir: str | None = _field(
         None, "JAX persistent compilation cache directory; empty turns it off"
     )

@@ -50,3 +50,9 @@ class PermissionDenied(ServiceError):
     """The server is not configured to allow this request."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Cancelled(ServiceError):
+    """The caller went away (cancelled, or its deadline passed) before the work began."""
+
+    code = grpc.StatusCode.CANCELLED

@@ -1,44 +1,101 @@
-"""Building and running a hessd gRPC server."""
+"""Building and running a hessd gRPC server: the servicer, authentication, health checking,
+reflection, metrics and graceful shutdown."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
 
 import grpc
 import jax
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from hessd.proto.v1 import hessd_pb2_grpc
+from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service.config import ServerConfig
+from hessd.service.metrics import Metrics
+from hessd.service.security import AuthInterceptor, Tokens, server_credentials
 from hessd.service.servicer import HessdServicer
 
-__all__ = ["create_server"]
+__all__ = ["HessdServer", "create_server"]
 
 logger = logging.getLogger(__name__)
 
+SERVICE_NAME = hessd_pb2.DESCRIPTOR.services_by_name["Hessd"].full_name
 
-def create_server(config: ServerConfig = ServerConfig()) -> tuple[grpc.Server, int]:
+
+class HessdServer:
+    """A configured server: `start()`, then `stop(grace)` or `enter_graceful_shutdown()`.
+
+    Health (grpc.health.v1) reports SERVING for "" and hessd.v1.Hessd once started, and
+    NOT_SERVING from the moment shutdown begins, while new calls get UNAVAILABLE and calls
+    in flight finish.
+    """
+
+    def __init__(self, config: ServerConfig, tokens: Tokens | None = None):
+        self.config = config
+        self._draining = threading.Event()
+        self.tokens = tokens if tokens is not None else Tokens.load(config.tokens_file)
+        self.servicer = HessdServicer(config, tokens=self.tokens)
+        self.metrics = Metrics(self.servicer.engine, self.servicer.registry)
+        self.servicer.metrics = self.metrics
+        self.metrics_port: int | None = None
+        self.health = health.HealthServicer()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="hessd"),
+            interceptors=[AuthInterceptor(self.tokens, self._draining.is_set)],
+            options=[
+                ("grpc.max_receive_message_length", config.max_request_bytes),
+                # Room for the largest output plus its envelope.
+                ("grpc.max_send_message_length", config.max_output_bytes + (1 << 20)),
+            ],
+        )
+        hessd_pb2_grpc.add_HessdServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert or config.tls_key:
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+
+    def start(self) -> None:
+        jax.devices()  # the device is up before health says SERVING
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+        self._server.start()
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def enter_graceful_shutdown(self) -> None:
+        """NOT_SERVING for health, UNAVAILABLE for new calls; calls in flight go on."""
+        self._draining.set()
+        self.health.enter_graceful_shutdown()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Drain, then stop: calls in flight get `grace` seconds to finish."""
+        self.enter_graceful_shutdown()
+        return self._server.stop(grace)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+
+def create_server(config: ServerConfig = ServerConfig()) -> tuple[HessdServer, int]:
     """A server bound to config.host:config.port (not yet started), and the bound port.
 
-    Pass port 0 to let the OS pick one (tests do). Call `server.start()` to serve and
-    `server.stop(grace)` to stop.
+    Pass port 0 to let the OS pick one (tests do). JAX's persistent compilation cache is
+    turned on when config.compile_cache_dir is set.
     """
     if config.compile_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compile_cache_dir)
         # CPU compiles take ~0.1 s; without this they would never be written to the cache.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    servicer = HessdServicer(config)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="hessd"),
-        options=[
-            ("grpc.max_receive_message_length", config.max_request_bytes),
-            # Room for the largest output plus its envelope.
-            ("grpc.max_send_message_length", config.max_output_bytes + (1 << 20)),
-        ],
-    )
-    hessd_pb2_grpc.add_HessdServicer_to_server(servicer, server)
-    address = f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    return server, port
+    server = HessdServer(config)
+    return server, server.port

@@ -11,6 +11,7 @@ import importlib.metadata
 import logging
 import math
 import time
+import uuid
 
 import grpc
 import jax
@@ -21,14 +22,24 @@ from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service import analysis, kinds
 from hessd.service.config import ServerConfig
 from hessd.service.engine import Engine
-from hessd.service.errors import InvalidArgument, ResourceExhausted, ServiceError
+from hessd.service.errors import (
+    Cancelled,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+)
 from hessd.service.expression import ExpressionLimits
+from hessd.service.metrics import Metrics
 from hessd.service.program import Program
 from hessd.service.registry import Registry
+from hessd.service.security import EXPORT, Tokens
 
 __all__ = ["HessdServicer"]
 
 logger = logging.getLogger(__name__)
+# One line per call: id, method, function, kind, points, status, milliseconds.
+request_log = logging.getLogger("hessd.requests")
 
 _KINDS = {getattr(hessd_pb2, k.name): k for k in kinds.Kind}
 _MODES = {
@@ -56,28 +67,36 @@ _LAYOUTS = {
 
 
 def _rpc(method):
-    """Map ServiceError to its status; log and answer INTERNAL for anything else."""
+    """Map ServiceError to its status, log and answer INTERNAL for anything else; one log
+    line and the metrics for every call."""
+    name = method.__name__
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         start = time.perf_counter()
+        status, message = grpc.StatusCode.OK, ""
         try:
             return method(self, request, context)
         except ServiceError as e:
-            logger.info("%s refused (%s): %s", method.__name__, e.code.name, e.message)
-            context.abort(e.code, e.message)
+            status, message = e.code, e.message
         except Exception:
-            logger.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error in hessd; see server log")
+            logger.exception("%s failed", name)
+            status, message = grpc.StatusCode.INTERNAL, "internal error in hessd; see server log"
         finally:
-            logger.debug("%s took %.3f ms", method.__name__, 1e3 * (time.perf_counter() - start))
+            self._record(name, request, context, status, time.perf_counter() - start)
+        context.abort(status, message)
 
     return wrapper
 
 
 class HessdServicer(hessd_pb2_grpc.HessdServicer):
-    def __init__(self, config: ServerConfig, engine: Engine | None = None):
+    def __init__(
+        self, config: ServerConfig, engine: Engine | None = None, tokens: Tokens | None = None
+    ):
         self.config = config
+        self.server_id = uuid.uuid4().hex
+        self.tokens = tokens or Tokens()
+        self.metrics: Metrics | None = None
         self.engine = engine or Engine(
             max_bucket=config.max_batch_bucket, cache_size=config.executable_cache_size
         )
@@ -89,7 +108,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
 
     @_rpc
     def Register(self, request, context):
-        program = self.registry.register(request.spec)
+        program = self._register(request.spec, context)
         return hessd_pb2.RegisterResponse(
             function_id=program.function_id,
             output_shape=program.output_shape,
@@ -98,7 +117,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
 
     @_rpc
     def Compute(self, request, context):
-        program = self._program(request)
+        program = self._program(request, context)
         if request.kind not in _KINDS:
             raise InvalidArgument(
                 f"unknown kind {request.kind}; use one of " + ", ".join(k.value for k in kinds.Kind)
@@ -117,7 +136,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         vector = _decode_vector(program, task, request, batch)
         if vector is not None:
             args.append(vector)
-        result = self._run(program, task, args)
+        result = self._run(program, task, args, context)
         response = hessd_pb2.ComputeResponse()
         if isinstance(result, dict):
             for name, array in result.items():
@@ -128,7 +147,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
 
     @_rpc
     def Spectrum(self, request, context):
-        program = self._program(request)
+        program = self._program(request, context)
         estimator = None
         if request.trace_estimator:
             estimator = _enum(_ESTIMATORS, request.trace_estimator, "trace_estimator")
@@ -151,14 +170,15 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             max_exact_n=self.config.max_exact_n,
         )
         args, _ = _decode_inputs(program, request.inputs, task.shared)
-        result = self._run(program, task, args)
+        result = self._run(program, task, args, context)
         response = hessd_pb2.SpectrumResponse()
         for name, array in result.items():
             codec.encode(array, out=getattr(response, name))
         return response
 
-    def _run(self, program: Program, task, args: list[np.ndarray]):
-        """Check the output size against the limit, then run on the engine."""
+    def _run(self, program: Program, task, args: list[np.ndarray], context):
+        """Check the output size against the limit, then run on the engine, unless the
+        caller has gone (cancelled, or its deadline passed) in the meantime."""
         batch = next(a for i, a in enumerate(args) if i not in task.shared).shape[0]
         shapes = task.output_shapes(program)
         itemsize = program.output_dtype.itemsize
@@ -171,12 +191,20 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 f"{self.config.max_output_bytes} bytes (--max-output-bytes); send fewer "
                 "points per request"
             )
-        return self.engine.run(program, task, args)
+        if not context.is_active():
+            raise Cancelled("the call was cancelled or its deadline passed before compute")
+        start = time.perf_counter()
+        result = self.engine.run(program, task, args)
+        if self.metrics is not None:
+            kind = getattr(task, "kind", getattr(task, "method", None))
+            self.metrics.compute.labels(kind.value).observe(time.perf_counter() - start)
+        return result
 
     @_rpc
     def ServerInfo(self, request, context):
         c = self.config
         return hessd_pb2.ServerInfoResponse(
+            server_id=self.server_id,
             version=importlib.metadata.version("hessd"),
             jax_version=jax.__version__,
             backend=jax.default_backend(),
@@ -195,13 +223,51 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             ),
         )
 
-    def _program(self, request: hessd_pb2.ComputeRequest) -> Program:
+    def _program(self, request, context) -> Program:
         match request.WhichOneof("function"):
             case "function_id":
                 return self.registry.get(request.function_id)
             case "spec":
-                return self.registry.register(request.spec)
+                return self._register(request.spec, context)
         raise InvalidArgument("the request names no function: set function_id or spec")
+
+    def _register(self, spec: hessd_pb2.FunctionSpec, context) -> Program:
+        if spec.WhichOneof("body") == "jax_export":
+            principal = self.tokens.identify(context.invocation_metadata())
+            if principal is None or EXPORT not in principal.permissions:
+                raise PermissionDenied(
+                    f"token {principal.name if principal else None!r} may not register "
+                    "jax_export specs: it lacks the 'export' permission (tokens file)"
+                )
+        return self.registry.register(spec)
+
+    def _record(self, method: str, request, context, status: grpc.StatusCode, seconds: float):
+        """One structured log line per call (no tensor data), and the metrics."""
+        kind = "-"
+        if method == "Compute" and request.kind in _KINDS:
+            kind = _KINDS[request.kind].value
+        elif method == "Spectrum" and request.method in _METHODS:
+            kind = _METHODS[request.method].value
+        points = next(
+            (t.tensor.shape[0] for t in getattr(request, "inputs", ())
+             if t.name not in request.shared and t.tensor.shape),
+            0,
+        )  # fmt: skip
+        function = getattr(request, "function_id", "") or (
+            "inline" if method != "ServerInfo" else "-"
+        )
+        request_id = (
+            dict(context.invocation_metadata() or ()).get("x-request-id") or (uuid.uuid4().hex[:16])
+        )
+        request_log.info(
+            "id=%s method=%s function=%s kind=%s points=%d status=%s ms=%.2f",
+            request_id, method, function[:16], kind, points, status.name, 1e3 * seconds,
+        )  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.requests.labels(method, kind, status.name).inc()
+            self.metrics.latency.labels(method, kind).observe(seconds)
+            if points:
+                self.metrics.batch_points.observe(points)
 
 
 def _enum(table: dict, value: int, name: str):

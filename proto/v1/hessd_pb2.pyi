@@ -311,15 +311,17 @@ class Limits(_message.Message):
     def __init__(self, max_request_bytes: _Optional[int] = ..., max_output_bytes: _Optional[int] = ..., max_batch_bucket: _Optional[int] = ..., max_expression_chars: _Optional[int] = ..., max_functions: _Optional[int] = ..., max_exact_n: _Optional[int] = ..., allow_jax_export: _Optional[bool] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("version", "jax_version", "backend", "devices", "limits")
+    __slots__ = ("version", "jax_version", "backend", "devices", "limits", "server_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     JAX_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     version: str
     jax_version: str
     backend: str
     devices: _containers.RepeatedCompositeFieldContainer[Device]
     limits: Limits
-    def __init__(self, version: _Optional[str] = ..., jax_version: _Optional[str] = ..., backend: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    server_id: str
+    def __init__(self, version: _Optional[str] = ..., jax_version: _Optional[str] = ..., backend: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_id: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,281 @@
+"""Dynamic batching: concurrent requests for the same computation share one device call.
+
+An engine call costs about the same for 1 point as for a few dozen (measured on 2 CPU cores,
+gradient of sum(tanh(A @ x)**2), n=256: 0.045 ms for 1 point, 0.13 ms for 64), so many small
+concurrent requests run far faster as one call. Requests coalesce when they have the same key
+
+    (function id, request, per-point shapes and dtypes, blake2b of each shared input's bytes)
+
+that is, when the engine would run them with one executable and identical shared parameters;
+their per-point args are concatenated along the batch axis and the result split back.
+
+There is no background thread. The first caller for a key becomes the leader of a new batch.
+It waits for company only while a batch of the same key is computing, since callers that
+arrive meanwhile would otherwise queue behind the device anyway; it departs as soon as that
+batch is done, its own holds `max_size` points, or `max_delay_s` has passed, whichever comes
+first. An idle key departs at once: a lone caller pays no delay. The leader then closes the
+batch, drops the callers that have gone (cancelled or past their deadline), concatenates the
+rest, calls the engine once and hands each caller its own rows. The others (followers) block
+until the leader has answered them. Every caller of a batch sees that call's exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+
+import grpc
+import numpy as np
+
+from hessd.service.engine import Engine, Output, Request
+from hessd.service.errors import ResourceExhausted, ServiceError
+from hessd.service.program import Program
+
+__all__ = ["Batcher", "BatcherStats", "Cancelled"]
+
+class Cancelled(ServiceError):
+    """The caller went away (cancelled, or past its deadline) before its batch computed."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+@dataclasses.dataclass
+class BatcherStats:
+    """Counters since start.
+
+    requests: calls of Batcher.run; batches: engine calls made; points: points computed;
+    coalesced: requests that shared their engine call with at least one other; dropped:
+    requests whose caller had gone before compute; rejected: requests refused, queue full.
+    """
+
+    requests: int = 0
+    batches: int = 0
+    points: int = 0
+    coalesced: int = 0
+    dropped: int = 0
+    rejected: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Caller:
+    """One call of Batcher.run in a batch and, once `done` is set, its answer."""
+
+    args: Sequence[np.ndarray]
+    points: int
+    is_active: Callable[[], bool]
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    result: Output | None = None
+    error: BaseException | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Batch:
+    """Callers of one key gathered for one engine call."""
+
+    callers: list[_Caller]
+    points: int
+    # Set when waiting longer gains nothing: the batch is full, a caller did not fit, or
+    # no batch of this key is computing.
+    go: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class Batcher:
+    """Coalesces concurrent engine.run calls with equal keys into one device call.
+
+    max_size: most points in one batch. A request of more points gains nothing from company:
+        it runs alone, straight on the engine, and is not counted against max_queue.
+    max_delay_s: longest a leader waits for company (only while a batch of its key is
+        computing). 0 turns batching off: run calls engine.run in the caller's thread.
+    max_queue: most points admitted and not yet answered (waiting for a batch or computing),
+        over all keys; a request that would pass it is refused at once with
+        ResourceExhausted. At least max_size, so that any batchable request fits when idle.
+
+    Callers whose `is_active()` is false when their batch is built are not computed; they
+    get Cancelled (gRPC has already answered their client, so nobody reads it).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_size: int = 64,
+        max_delay_s: float = 0.0005,
+        max_queue: int = 4096,
+    ):
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1, got {max_size}")
+        if max_delay_s < 0:
+            raise ValueError(f"max_delay_s must not be negative, got {max_delay_s}")
+        if max_queue < max_size:
+            raise ValueError(f"max_queue ({max_queue}) must be at least max_size ({max_size})")
+        self.engine = engine
+        self.max_size = max_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.stats = BatcherStats()
+        self._lock = threading.Lock()
+        self._open: dict[tuple, _Batch] = {}  # by key: the batch still taking callers
+        self._computing: dict[tuple, int] = {}  # by key: its batches inside engine.run
+        self._queued = 0
+
+    @property
+    def queued(self) -> int:
+        """Points admitted and not yet answered: waiting for their batch or computing."""
+        return self._queued
+
+    def run(
+        self,
+        program: Program,
+        request: Request,
+        args: Sequence[np.ndarray],
+        *,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> Output:
+        """Same contract and result as engine.run(program, request, args), but may share
+        the device call with concurrent callers.
+
+        args: the program's inputs (then any vector), each (batch, *shape) except the shared
+        ones (request.shared), which are (*shape). Returns (batch, ...) arrays: one, or a
+        dict of them. `is_active` (gRPC's context.is_active) is asked just before compute.
+
+        Raises Cancelled when is_active() is false by then, ResourceExhausted when the queue
+        is full, and whatever engine.run raises.
+        """
+        points = _points(request, args)
+        with self._lock:
+            self.stats.requests += 1
+        if self.max_delay_s == 0 or points > self.max_size or points == 0:
+            return self._run_alone(program, request, args, points, is_active)
+        key = _key(program, request, args)
+        caller = _Caller(args, points, is_active)
+        with self._lock:
+            if self._queued + points > self.max_queue:
+                self.stats.rejected += 1
+                raise ResourceExhausted(
+                    f"the batching queue is full: {self._queued} points are waiting or "
+                    f"computing and this request adds {points}, over this server's limit of "
+                    f"{self.max_queue} points (--batch-max-queue); retry with backoff"
+                )
+            self._queued += points
+            batch = self._open.get(key)
+            leader = batch is None or batch.points + points > self.max_size
+            if leader:
+                if batch is not None:
+                    # This caller does not fit: send that batch off now, start the next.
+                    del self._open[key]
+                    batch.go.set()
+                batch = _Batch([caller], points)
+                self._open[key] = batch
+                if key not in self._computing:
+                    batch.go.set()
+            else:
+                batch.callers.append(caller)
+                batch.points += points
+            if batch.points == self.max_size:
+                del self._open[key]
+                batch.go.set()
+        if leader:
+            self._lead(key, program, request, batch)
+        else:
+            caller.done.wait()
+        if caller.error is not None:
+            raise caller.error
+        return caller.result
+
+    def _run_alone(self, program, request, args, points, is_active) -> Output:
+        if not is_active():
+            with self._lock:
+                self.stats.dropped += 1
+            raise Cancelled("the call was cancelled or passed its deadline before compute")
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.points += points
+        return self.engine.run(program, request, args)
+
+    def _lead(self, key: tuple, program: Program, request: Request, batch: _Batch) -> None:
+        """Wait for company, then compute the batch and answer every caller in it."""
+        batch.go.wait(self.max_delay_s)
+        with self._lock:
+            if self._open.get(key) is batch:
+                del self._open[key]
+            self._computing[key] = self._computing.get(key, 0) + 1
+        # Closed: no caller joins any more, so its list is read without the lock.
+        try:
+            active = []
+            for caller in batch.callers:
+                if caller.is_active():
+                    active.append(caller)
+                else:
+                    caller.error = Cancelled(
+                        "the call was cancelled or passed its deadline while waiting for "
+                        "its batch"
+                    )
+            with self._lock:
+                self.stats.dropped += len(batch.callers) - len(active)
+                if active:
+                    self.stats.batches += 1
+                    self.stats.points += sum(c.points for c in active)
+                    if len(active) > 1:
+                        self.stats.coalesced += len(active)
+            if active:
+                self._compute(program, request, active)
+        except BaseException as e:
+            for caller in batch.callers:
+                if caller.error is None and caller.result is None:
+                    caller.error = e
+            raise
+        finally:
+            with self._lock:
+                self._queued -= batch.points
+                self._computing[key] -= 1
+                if not self._computing[key]:
+                    del self._computing[key]
+                    # The device is free of this key: its waiting batch need wait no longer.
+                    if key in self._open:
+                        self._open[key].go.set()
+            for caller in batch.callers:
+                caller.done.set()
+
+    def _compute(self, program: Program, request: Request, callers: list[_Caller]) -> None:
+        """One engine call for `callers`; each gets its rows, or the call's exception."""
+        if len(callers) == 1:
+            args = callers[0].args
+        else:
+            args = [
+                a if i in request.shared else np.concatenate([c.args[i] for c in callers])
+                for i, a in enumerate(callers[0].args)
+            ]
+        try:
+            result = self.engine.run(program, request, args)
+        except Exception as e:
+            for caller in callers:
+                caller.error = e
+            return
+        start = 0
+        for caller in callers:
+            rows = slice(start, start + caller.points)
+            if isinstance(result, dict):
+                caller.result = {name: array[rows] for name, array in result.items()}
+            else:
+                caller.result = result[rows]
+            start = rows.stop
+
+
+def _points(request: Request, args: Sequence[np.ndarray]) -> int:
+    """The batch size: the leading axis of the first per-point arg (as engine.run)."""
+    return next(a for i, a in enumerate(args) if i not in request.shared).shape[0]
+
+
+def _key(program: Program, request: Request, args: Sequence[np.ndarray]) -> tuple:
+    """What must be equal for two requests to share a call: the engine's cache key without
+    the bucket, plus a digest of every shared input, so different parameters never mix."""
+    signature = []
+    for i, a in enumerate(args):
+        if i in request.shared:
+            digest = hashlib.blake2b(np.ascontiguousarray(a).data, digest_size=16).digest()
+            signature.append((a.shape, a.dtype, digest))
+        else:
+            signature.append((a.shape[1:], a.dtype))
+    return program.function_id, request, tuple(signature)

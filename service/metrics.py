@@ -1,0 +1,78 @@
+"""Prometheus metrics of one server, on their own registry (several servers may share a
+process in tests), served over HTTP by prometheus_client on --metrics-port."""
+
+from __future__ import annotations
+
+import jax
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+_POINT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
+
+
+class Metrics:
+    """Requests by method, kind and status; latency, queue and compute time; batch sizes;
+    and, read at scrape time, the engine's compile and cache counters, the number of
+    registered functions and device memory in use."""
+
+    def __init__(self, engine, registry_of_functions, batcher=None):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hessd_requests", "Calls answered", ["method", "kind", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "hessd_request_seconds", "Time from call to answer", ["method", "kind"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.compute = Histogram(
+            "hessd_compute_seconds", "Time in the engine (device work and transfers)", ["kind"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.queue = Histogram(
+            "hessd_queue_seconds", "Time waiting to be batched with other calls",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.batch_points = Histogram(
+            "hessd_batch_points", "Points per request", buckets=_POINT_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.registry.register(_StateCollector(engine, registry_of_functions, batcher))
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics over HTTP; returns the bound port (0 picks one)."""
+        server, _ = start_http_server(port, host, registry=self.registry)
+        return server.server_port
+
+
+class _StateCollector:
+    """Counters that live in the engine and registry, read when Prometheus scrapes."""
+
+    def __init__(self, engine, functions, batcher):
+        self.engine, self.functions, self.batcher = engine, functions, batcher
+
+    def collect(self):
+        stats = self.engine.stats
+        yield CounterMetricFamily("hessd_compiles", "XLA compilations", value=stats.compiles)
+        yield CounterMetricFamily(
+            "hessd_compile_seconds", "Seconds spent compiling", value=stats.compile_seconds
+        )
+        cache = CounterMetricFamily(
+            "hessd_executable_cache", "Executable cache lookups", labels=["result"]
+        )
+        cache.add_metric(["hit"], stats.hits)
+        cache.add_metric(["miss"], stats.misses)
+        yield cache
+        yield GaugeMetricFamily(
+            "hessd_registered_functions", "Functions held", value=len(self.functions)
+        )
+        memory = GaugeMetricFamily(
+            "hessd_device_memory_bytes", "Device memory in use", labels=["device"]
+        )
+        for device in jax.local_devices():
+            in_use = (device.memory_stats() or {}).get("bytes_in_use")
+            if in_use is not None:
+                memory.add_metric([str(device.id)], in_use)
+        yield memory

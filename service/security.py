@@ -1,0 +1,179 @@
+"""Who may call: bearer tokens checked in an interceptor, TLS and mutual TLS credentials.
+
+Tokens come from a JSON file (--tokens-file) or the HESSD_TOKENS environment variable, in
+the same format:
+
+    {"tokens": [{"name": "pipeline", "token": "…", "permissions": ["export"],
+                 "max_concurrent": 16}]}
+
+A call carries `authorization: Bearer <token>` metadata. Without a token, or with one that
+matches none, it is refused UNAUTHENTICATED; every comparison is constant-time and all
+tokens are compared, so timing says nothing about which. The "export" permission allows
+registering jax_export specs (PERMISSION_DENIED otherwise); max_concurrent bounds the calls
+one token has in flight (RESOURCE_EXHAUSTED beyond it). Health checks and reflection need
+no token, so probes and grpcurl work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+
+import grpc
+
+__all__ = ["AuthInterceptor", "Principal", "Tokens", "server_credentials"]
+
+EXPORT = "export"
+PERMISSIONS = frozenset({EXPORT})
+_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    name: str
+    permissions: frozenset[str] = frozenset()
+    max_concurrent: int | None = None
+
+
+ANONYMOUS = Principal("anonymous", PERMISSIONS)
+
+
+class Tokens:
+    """The known tokens. Empty means authentication is off: every caller is ANONYMOUS."""
+
+    def __init__(self, entries: Sequence[tuple[str, Principal]] = ()):
+        self._entries = [(token.encode(), principal) for token, principal in entries]
+
+    @classmethod
+    def load(cls, path: str | None = None, environ: Mapping[str, str] = os.environ) -> Tokens:
+        """From the file at `path`, else HESSD_TOKENS, else none. ValueError if malformed."""
+        if path:
+            with open(path, encoding="utf-8") as f:
+                text, source = f.read(), path
+        elif "HESSD_TOKENS" in environ:
+            text, source = environ["HESSD_TOKENS"], "HESSD_TOKENS"
+        else:
+            return cls()
+        try:
+            document = json.loads(text)
+            entries = []
+            for item in document["tokens"]:
+                permissions = frozenset(item.get("permissions", ()))
+                if unknown := permissions - PERMISSIONS:
+                    raise ValueError(f"unknown permissions {sorted(unknown)}")
+                if len(item["token"]) < 16:
+                    raise ValueError(f"token of {item['name']!r} is shorter than 16 characters")
+                limit = item.get("max_concurrent")
+                entries.append((item["token"], Principal(item["name"], permissions, limit)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source}: not a valid tokens document ({e})") from None
+        return cls(entries)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._entries)
+
+    def identify(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Principal | None:
+        """The principal of `authorization: Bearer <token>` metadata; None if unknown."""
+        if not self.enabled:
+            return ANONYMOUS
+        offered = b""
+        for key, value in metadata or ():
+            if key == "authorization":
+                value = value.decode() if isinstance(value, bytes) else value
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() == "bearer":
+                    offered = token.strip().encode()
+        found = None
+        for token, principal in self._entries:
+            # Compare against every token, constant-time each: no early exit to time.
+            if hmac.compare_digest(token, offered) and offered:
+                found = principal
+        return found
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Refuses unauthenticated calls, bounds each token's calls in flight, and refuses new
+    calls while the server drains (UNAVAILABLE, so clients retry elsewhere)."""
+
+    def __init__(self, tokens: Tokens, draining: Callable[[], bool]):
+        self.tokens = tokens
+        self.draining = draining
+        self._in_flight: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(_EXEMPT):
+            return continuation(handler_call_details)
+        if self.draining():
+            return _refuse(
+                grpc.StatusCode.UNAVAILABLE, "this server is shutting down; retry another replica"
+            )
+        principal = self.tokens.identify(handler_call_details.invocation_metadata)
+        if principal is None:
+            return _refuse(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown token: send metadata 'authorization: Bearer <token>' "
+                "(Client(..., token=...))",
+            )
+        handler = continuation(handler_call_details)
+        if handler is None or principal.max_concurrent is None or not handler.unary_unary:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._bounded(handler.unary_unary, principal),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _bounded(self, behavior, principal: Principal):
+        def bounded(request, context):
+            with self._lock:
+                count = self._in_flight.get(principal.name, 0)
+                if count >= principal.max_concurrent:
+                    refused = True
+                else:
+                    refused = False
+                    self._in_flight[principal.name] = count + 1
+            if refused:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"token {principal.name!r} already has {principal.max_concurrent} calls in "
+                    "flight, its max_concurrent; wait for one to finish",
+                )
+            try:
+                return behavior(request, context)
+            finally:
+                with self._lock:
+                    self._in_flight[principal.name] -= 1
+
+        return bounded
+
+
+def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    def abort(request, context):
+        context.abort(code, message)
+
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def server_credentials(cert: str, key: str, client_ca: str | None = None) -> grpc.ServerCredentials:
+    """TLS with the PEM certificate chain and key at these paths; with `client_ca`, mutual
+    TLS: clients must present a certificate that CA signed."""
+    with open(cert, "rb") as f:
+        chain = f.read()
+    with open(key, "rb") as f:
+        private_key = f.read()
+    root = None
+    if client_ca:
+        with open(client_ca, "rb") as f:
+            root = f.read()
+    return grpc.ssl_server_credentials(
+        [(private_key, chain)], root_certificates=root, require_client_auth=root is not None
+    )
