@@ -35,6 +35,7 @@ from hessd.service.program import Program
 
 __all__ = ["Batcher", "BatcherStats", "Cancelled"]
 
+
 class Cancelled(ServiceError):
     """The caller went away (cancelled, or past its deadline) before its batch computed."""
 
@@ -209,8 +210,7 @@ class Batcher:
                     active.append(caller)
                 else:
                     caller.error = Cancelled(
-                        "the call was cancelled or passed its deadline while waiting for "
-                        "its batch"
+                        "the call was cancelled or passed its deadline while waiting for its batch"
                     )
             with self._lock:
                 self.stats.dropped += len(batch.callers) - len(active)

@@ -47,6 +47,11 @@ class ServerConfig:
         None, "JSON bearer tokens (README); else the HESSD_TOKENS variable; neither: no auth"
     )
     metrics_port: int | None = _field(None, "serve Prometheus metrics on this port")
+    max_connection_age_s: int | None = _field(
+        None,
+        "close client connections after this many seconds (graceful), so that clients "
+        "balancing over dns:/// resolve again and find new replicas",
+    )
     compile_cache_dir: str | None = _field(
         None, "JAX persistent compilation cache directory; empty turns it off"
     )

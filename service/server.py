@@ -42,14 +42,19 @@ class HessdServer:
         self.servicer.metrics = self.metrics
         self.metrics_port: int | None = None
         self.health = health.HealthServicer()
+        options = [
+            ("grpc.max_receive_message_length", config.max_request_bytes),
+            # Room for the largest output plus its envelope.
+            ("grpc.max_send_message_length", config.max_output_bytes + (1 << 20)),
+        ]
+        if config.max_connection_age_s:
+            options.append(("grpc.max_connection_age_ms", 1000 * config.max_connection_age_s))
+            # Calls in flight when the age is reached get this long to finish.
+            options.append(("grpc.max_connection_age_grace_ms", 1000 * 600))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="hessd"),
             interceptors=[AuthInterceptor(self.tokens, self._draining.is_set)],
-            options=[
-                ("grpc.max_receive_message_length", config.max_request_bytes),
-                # Room for the largest output plus its envelope.
-                ("grpc.max_send_message_length", config.max_output_bytes + (1 << 20)),
-            ],
+            options=options,
         )
         hessd_pb2_grpc.add_HessdServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
