@@ -9,9 +9,16 @@ import grpc
 import numpy as np
 
 from hessd.client import _requests
-from hessd.client._client import CHANNEL_OPTIONS, Connection, _Kinds, _with_spec
+from hessd.client._client import (
+    CHANNEL_OPTIONS,
+    STREAM_THRESHOLD,
+    Connection,
+    _Kinds,
+    _with_spec,
+)
 from hessd.client._errors import NotFound, from_rpc_error
 from hessd.client._requests import Function, Points, Spectrum
+from hessd.proto import stream
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 
 __all__ = ["AsyncClient"]
@@ -27,9 +34,17 @@ class AsyncClient(_Kinds):
     Methods, arguments, results and exceptions are those of Client.
     """
 
-    def __init__(self, target: str | Sequence[str], *, timeout: float | None = 30.0, **connection):
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = 30.0,
+        stream_threshold: int = STREAM_THRESHOLD,
+        **connection,
+    ):
         self.connection = Connection(target, **connection)
         self.timeout = timeout
+        self.stream_threshold = stream_threshold
         credentials = self.connection.credentials()
         address = self.connection.address()
         if credentials is None:
@@ -59,20 +74,47 @@ class AsyncClient(_Kinds):
         constants: Mapping[str, Any] | None = None,
         dtype: str | np.dtype = "float32",
         *,
+        warmup: Sequence[int] = (),
+        warmup_kinds: Sequence[str] = ("value", "gradient"),
         timeout: float | None = None,
     ) -> Function:
         dtype = np.dtype(dtype)
         backend = (await self.server_info())["backend"] if callable(function) else None
-        request = _requests.register_request(function, inputs, constants, dtype, lambda: backend)
+        request = _requests.register_request(
+            function, inputs, constants, dtype, lambda: backend, warmup, warmup_kinds
+        )
         reply = await self._call(self._stub.Register, request, timeout)
         return _requests.function_of(request, reply, dtype)
 
     async def compute(
         self, f: Function, kind: str, points: Points, *, timeout: float | None = None, **options
     ) -> np.ndarray | dict[str, np.ndarray]:
-        request = _requests.compute_request(f, kind, points, **options)
-        reply = await self._call_on(f, self._stub.Compute, request, timeout)
-        return _requests.compute_result(reply)
+        call = _requests.compute_request(f, kind, points, **options)
+        if max(call.input_bytes, call.output_bytes) <= self.stream_threshold:
+            return call.result(await self._call_on(f, self._stub.Compute, call.filled(), timeout))
+        try:
+            return await self._streamed(call, timeout)
+        except NotFound:
+            if f.spec is None:
+                raise
+            call.request = _with_spec(call.request, f)
+            return await self._streamed(call, timeout)
+
+    async def _streamed(self, call: _requests.ComputeCall, timeout: float | None):
+        messages = stream.send("compute_request", call.request, call.arrays)
+        try:
+            replies = self._stub.ComputeStream(
+                messages,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+            # The stream's messages are small; gathering them keeps `receive` one function.
+            header, buffers = stream.receive(
+                [m async for m in replies], "compute_response", max_bytes=1 << 62
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return call.result(header, buffers)
 
     async def spectrum(
         self,

@@ -14,9 +14,14 @@ import numpy as np
 from hessd.client import _requests
 from hessd.client._errors import NotFound, from_rpc_error
 from hessd.client._requests import Function, Points, Spectrum
+from hessd.proto import stream
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 
 __all__ = ["Client", "Function", "Spectrum"]
+
+# Above this, requests and results stream in chunks; measured: gRPC Python moves a 1 MiB
+# message in ~2 ms and larger ones at a lower rate (DESIGN.md).
+STREAM_THRESHOLD = 1 << 20
 
 # UNAVAILABLE (a replica stopping or restarting) is retried with backoff by gRPC itself;
 # round_robin spreads calls over every address a target resolves to.
@@ -183,9 +188,17 @@ class Client(_Kinds):
     once for all points, without a batch axis.
     """
 
-    def __init__(self, target: str | Sequence[str], *, timeout: float | None = 30.0, **connection):
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = 30.0,
+        stream_threshold: int = STREAM_THRESHOLD,
+        **connection,
+    ):
         self.connection = Connection(target, **connection)
         self.timeout = timeout
+        self.stream_threshold = stream_threshold
         credentials = self.connection.credentials()
         address = self.connection.address()
         if credentials is None:
@@ -216,18 +229,28 @@ class Client(_Kinds):
         constants: Mapping[str, Any] | None = None,
         dtype: str | np.dtype = "float32",
         *,
+        warmup: Sequence[int] = (),
+        warmup_kinds: Sequence[str] = ("value", "gradient"),
         timeout: float | None = None,
     ) -> Function:
         """Register an expression, or a JAX callable fn(*inputs) -> array, over `inputs`
         (name → shape of one point, in order).
 
         Every input has `dtype`; constants are converted to it where that changes no value.
+        `warmup=[batch sizes]` compiles each of `warmup_kinds` for those sizes now, so the
+        first calls do not wait for XLA.
         A callable is exported here with jax.export (needs `hessd[jax]`; the server must run
         with --allow-jax-export): jax.vmap(fn), a symbolic batch dimension, vjp_order=2.
         """
         dtype = np.dtype(dtype)
         request = _requests.register_request(
-            function, inputs, constants, dtype, lambda: self.server_info()["backend"]
+            function,
+            inputs,
+            constants,
+            dtype,
+            lambda: self.server_info()["backend"],
+            warmup,
+            warmup_kinds,
         )
         reply = self._call(self._stub.Register, request, timeout)
         return _requests.function_of(request, reply, dtype)
@@ -236,9 +259,36 @@ class Client(_Kinds):
         self, f: Function, kind: str, points: Points, *, timeout: float | None = None, **options
     ) -> np.ndarray | dict[str, np.ndarray]:
         """The general call behind value … taylor: `kind` is one of those method names;
-        options are theirs (vector, wrt, mode, layout, order, flatten, shared)."""
-        request = _requests.compute_request(f, kind, points, **options)
-        return _requests.compute_result(self._call_on(f, self._stub.Compute, request, timeout))
+        options are theirs (vector, wrt, mode, layout, order, flatten, shared) and
+        `output_dtype` ("float16", "bfloat16", "float32", "float64": cast on the server
+        before the transfer), `packed` (hessian of a scalar f: the upper triangle travels,
+        half the bytes; unpacked here unless unpack=False).
+
+        Requests or results over `stream_threshold` bytes travel as streams of ~1 MiB
+        chunks (ComputeStream): faster than one large message, and not capped at 2 GiB."""
+        call = _requests.compute_request(f, kind, points, **options)
+        if max(call.input_bytes, call.output_bytes) <= self.stream_threshold:
+            return call.result(self._call_on(f, self._stub.Compute, call.filled(), timeout))
+        try:
+            return self._streamed(call, timeout)
+        except NotFound:
+            if f.spec is None:
+                raise
+            call.request = _with_spec(call.request, f)
+            return self._streamed(call, timeout)
+
+    def _streamed(self, call: _requests.ComputeCall, timeout: float | None):
+        messages = stream.send("compute_request", call.request, call.arrays)
+        try:
+            replies = self._stub.ComputeStream(
+                messages,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+            header, buffers = stream.receive(replies, "compute_response", max_bytes=1 << 62)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return call.result(header, buffers)
 
     def spectrum(
         self,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from hessd.client._errors import InvalidArgument
-from hessd.proto import codec
+from hessd.proto import codec, stream
 from hessd.proto.v1 import hessd_pb2
 
 __all__ = ["Function", "Spectrum"]
@@ -86,6 +86,8 @@ def register_request(
     constants: Mapping[str, Any] | None,
     dtype: np.dtype,
     backend: Callable[[], str],
+    warmup: Sequence[int] = (),
+    warmup_kinds: Sequence[str] = ("value", "gradient"),
 ) -> hessd_pb2.RegisterRequest:
     """The RegisterRequest for an expression, or for a JAX callable (exported here; then
     `backend()` names the platform to export for)."""
@@ -111,7 +113,11 @@ def register_request(
                 codec.encode(array, out=spec.constants.add(name=name).tensor)
     except codec.TensorError as e:
         raise InvalidArgument(str(e)) from None
-    return hessd_pb2.RegisterRequest(spec=spec)
+    try:
+        kinds = [hessd_pb2.Kind.Value(k.upper()) for k in warmup_kinds] if warmup else []
+    except ValueError:
+        raise InvalidArgument(f"unknown kind in warmup_kinds {list(warmup_kinds)}") from None
+    return hessd_pb2.RegisterRequest(spec=spec, warmup_batch_sizes=list(warmup), warmup_kinds=kinds)
 
 
 def function_of(request: hessd_pb2.RegisterRequest, reply, dtype: np.dtype) -> Function:
@@ -122,6 +128,41 @@ def function_of(request: hessd_pb2.RegisterRequest, reply, dtype: np.dtype) -> F
         dtype=dtype,
         spec=request.spec,
     )
+
+
+@dataclasses.dataclass
+class ComputeCall:
+    """A checked Compute request: the header (tensors described, not filled), the arrays
+    in stream order (inputs, then vector), and what the reply will need."""
+
+    request: hessd_pb2.ComputeRequest
+    arrays: list[np.ndarray]
+    output_bytes: int  # what the result will weigh, from shapes alone
+    unpack: int | None = None  # n, to unpack a packed Hessian into (n, n)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def filled(self) -> hessd_pb2.ComputeRequest:
+        """The request with every tensor's bytes in it, for a unary call."""
+        for array, (_, tensor) in zip(self.arrays, stream.tensors(self.request), strict=True):
+            tensor.data = codec.little_endian(array).tobytes()
+        return self.request
+
+    def result(self, reply: hessd_pb2.ComputeResponse, buffers=None):
+        """The reply's arrays; `buffers` holds the bytes of a streamed reply."""
+        named = stream.tensors(reply)
+        data = buffers if buffers is not None else [None] * len(named)
+        # A writable copy would double the memory of a large result; the view is read-only.
+        arrays = {
+            what: codec.decode(tensor, what, buffer)
+            for (what, tensor), buffer in zip(named, data, strict=True)
+        }
+        result = arrays["output"] if list(arrays) == ["output"] else arrays
+        if self.unpack is not None:
+            result = _unpack(result, self.unpack)
+        return result
 
 
 def compute_request(
@@ -136,12 +177,20 @@ def compute_request(
     order: int = 0,
     flatten: bool = False,
     shared: Sequence[str] = (),
-) -> hessd_pb2.ComputeRequest:
+    output_dtype: str | None = None,
+    packed: bool = False,
+    unpack: bool = True,
+) -> ComputeCall:
     try:
         kind_value = hessd_pb2.Kind.Value(kind.upper())
     except ValueError:
         raise InvalidArgument(f"unknown kind {kind!r}") from None
     wrt = _names(wrt)
+    try:
+        out_dtype = np.dtype(output_dtype) if output_dtype else f.dtype
+        wire_dtype = codec.dtype_to_proto(out_dtype) if output_dtype else 0
+    except (TypeError, codec.TensorError) as e:
+        raise InvalidArgument(f"output_dtype={output_dtype!r}: {e}") from None
     request = hessd_pb2.ComputeRequest(
         function_id=f.id,
         kind=kind_value,
@@ -151,21 +200,36 @@ def compute_request(
         order=order,
         flatten=flatten,
         shared=shared,
+        output_dtype=wire_dtype,
+        packed=packed,
     )
-    _encode_points(f, points, shared, request)
+    arrays, batch = _encode_points(f, points, shared, request)
     if vector is not None:
         if kind not in _VECTOR_KINDS:
             raise InvalidArgument(f"kind {kind} takes no vector; only hvp, jvp, vjp and taylor do")
         shape = f.output_shape if kind == "vjp" else _variable_shape(f, wrt, flatten)
-        codec.encode(_checked(vector, shape, f.dtype, f"the {kind} vector"), out=request.vector)
-    return request
+        arrays.append(_checked(vector, shape, f.dtype, f"the {kind} vector"))
+        codec.encode(arrays[-1], out=request.vector, data=False)
+    x = int(np.prod(_variable_shape(f, wrt, flatten)))
+    out = int(np.prod(f.output_shape))
+    elements = {
+        "value": out, "jvp": out, "gradient": x, "hvp": x, "vjp": x, "jacobian": out * x,
+        "hessian": x * (x + 1) // 2 if packed else out * x * x, "taylor": order * out,
+        "taylor2": 1 + x + x * x,
+    }.get(kind, 0)  # fmt: skip
+    call = ComputeCall(request, arrays, (batch or 0) * elements * out_dtype.itemsize)
+    if packed and unpack:
+        call.unpack = x
+    return call
 
 
-def compute_result(reply: hessd_pb2.ComputeResponse) -> np.ndarray | dict[str, np.ndarray]:
-    # A writable copy would double the memory of a large result; decode's view is read-only.
-    if reply.outputs:
-        return {item.name: codec.decode(item.tensor, item.name) for item in reply.outputs}
-    return codec.decode(reply.output, "output")
+def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
+    """(batch, n(n+1)/2) upper triangles, row-major, into (batch, n, n) symmetric."""
+    rows, cols = np.triu_indices(n)
+    full = np.empty((packed.shape[0], n, n), packed.dtype)
+    full[:, rows, cols] = packed
+    full[:, cols, rows] = packed
+    return full
 
 
 def spectrum_request(
@@ -204,7 +268,7 @@ def spectrum_request(
     for name, value in (("tol", tol), ("gtol", gtol), ("sigma", sigma)):
         if value is not None:
             setattr(request, name, value)
-    _encode_points(f, points, shared, request)
+    _encode_points(f, points, shared, request, data=True)
     return request
 
 
@@ -259,8 +323,11 @@ def _option(table: dict, value, name: str) -> int:
         raise InvalidArgument(f"{name}={value!r}; use one of {choices}") from None
 
 
-def _encode_points(f: Function, points: Points, shared: Sequence[str], request) -> None:
-    """Check `points` against f's inputs and encode them into request.inputs, in place."""
+def _encode_points(
+    f: Function, points: Points, shared: Sequence[str], request, data: bool = False
+) -> tuple[list[np.ndarray], int]:
+    """Check `points` against f's inputs and describe them in request.inputs (with their
+    bytes if `data`); return the arrays in order and the batch size."""
     if not isinstance(points, Mapping):
         if len(f.inputs) != 1:
             raise InvalidArgument(
@@ -272,6 +339,7 @@ def _encode_points(f: Function, points: Points, shared: Sequence[str], request) 
     if unknown := [n for n in shared if n not in f.inputs]:
         raise InvalidArgument(f"shared={unknown[0]!r} is not an input; inputs are {list(f.inputs)}")
     batch = None
+    arrays = []
     for name, shape in f.inputs.items():
         if name in shared:
             array = _checked(points[name], shape, f.dtype, f"shared input {name!r}", batched=False)
@@ -282,7 +350,9 @@ def _encode_points(f: Function, points: Points, shared: Sequence[str], request) 
                     f"input {name!r} has {array.shape[0]} points, others have {batch}"
                 )
             batch = array.shape[0]
-        codec.encode(array, out=request.inputs.add(name=name).tensor)
+        codec.encode(array, out=request.inputs.add(name=name).tensor, data=data)
+        arrays.append(array)
+    return arrays, batch
 
 
 def _checked(

@@ -789,6 +789,9 @@ async def _timed(call: Callable[[], Any], recorder: _Recorder) -> None:
         await call()
     except HessdError as e:
         recorder.finished(None, e)
+        # A call refused before it waits on anything would never give the event loop back
+        # to a closed-loop worker, and the window would never end.
+        await asyncio.sleep(0)
     except asyncio.CancelledError:
         recorder.in_flight -= 1
         raise

@@ -129,6 +129,14 @@ class Engine:
         executable = self.executable(program, request, signature, bucket)
         return jax.tree.map(lambda out: np.asarray(out)[:batch], executable(*args))
 
+    def warmup(self, program: Program, request: Request, batch: int, vector_dtype) -> None:
+        """Compile the executable a call of `batch` points would use (no shared inputs)."""
+        bucket = bucket_for(min(batch, self.max_bucket), self.max_bucket)
+        signature = [(s.shape, s.dtype, True) for s in program.inputs]
+        if getattr(request, "takes_vector", False):
+            signature.append((request.vector_shape(program), np.dtype(vector_dtype), True))
+        self.executable(program, request, signature, bucket)
+
     def _empty(self, program: Program, request: Request, args: Sequence[np.ndarray]) -> Output:
         """The result for zero points, shaped and typed by tracing alone (no compile)."""
         avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]

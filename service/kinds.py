@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 
 from hessd.service import exported
 from hessd.service.errors import InvalidArgument
@@ -72,6 +74,7 @@ class Layout(enum.Enum):
 _NEEDS_SCALAR = (Kind.GRADIENT, Kind.HVP, Kind.TAYLOR2)
 _TAKES_VECTOR = (Kind.HVP, Kind.JVP, Kind.VJP, Kind.TAYLOR)
 _HAS_LAYOUT = (Kind.GRADIENT, Kind.JACOBIAN, Kind.HESSIAN)
+_OUTPUT_DTYPES = tuple(np.dtype(d) for d in ("float16", ml_dtypes.bfloat16, "float32", "float64"))
 _SPLITS = (Kind.VALUE, Kind.GRADIENT, Kind.JACOBIAN, Kind.HESSIAN, Kind.VJP)
 
 
@@ -89,6 +92,8 @@ class Request:
     layout: Layout = Layout.NUMERATOR
     order: int = 0
     shared: tuple[int, ...] = ()
+    output_dtype: np.dtype | None = None
+    packed: bool = False
 
     @property
     def takes_vector(self) -> bool:
@@ -125,6 +130,9 @@ class Request:
                 shape = x
             case Kind.JACOBIAN:
                 shape = x + out if denominator else out + x
+            case Kind.HESSIAN if self.packed:
+                n = math.prod(x)
+                shape = (n * (n + 1) // 2,)
             case Kind.HESSIAN:
                 shape = x + x + out if denominator else out + x + x
             case Kind.TAYLOR:
@@ -141,10 +149,29 @@ class Request:
         """g(*inputs[, vector]) at a batch of points: batched inputs and vector have a
         leading batch axis, shared inputs none. Returns an array or a dict of arrays."""
         if program.fn is None:
-            return exported.batched_transform(self, program)
-        per_point = _TRANSFORMS[self.kind](self, program)
-        in_axes = [None if i in self.shared else 0 for i in range(len(program.inputs))]
-        return jax.vmap(per_point, in_axes=(*in_axes, *[0] * self.takes_vector))
+            g = exported.batched_transform(self, program)
+        else:
+            per_point = _TRANSFORMS[self.kind](self, program)
+            in_axes = [None if i in self.shared else 0 for i in range(len(program.inputs))]
+            g = jax.vmap(per_point, in_axes=(*in_axes, *[0] * self.takes_vector))
+        if not self.packed and self.output_dtype is None:
+            return g
+
+        def on_device(*args):
+            # Packing and casting happen before the transfer: that is the point of them.
+            return jax.tree.map(self._pack_and_cast, g(*args))
+
+        return on_device
+
+    def _pack_and_cast(self, result: jax.Array) -> jax.Array:
+        if self.packed:
+            b = result.shape[0]
+            n = math.isqrt(math.prod(result.shape[1:]))
+            rows, cols = np.triu_indices(n)
+            result = result.reshape(b, n, n)[:, rows, cols]
+        if self.output_dtype is not None:
+            result = result.astype(self.output_dtype)
+        return result
 
     def finish(self, program: Program, result, lead: int):
         """Layout and per-input split of a raw numerator-layout result on the flat or
@@ -185,6 +212,8 @@ def make_request(
     order: int = 0,
     flatten: bool = False,
     shared: tuple[str, ...] = (),
+    output_dtype: np.dtype | None = None,
+    packed: bool = False,
 ) -> Request:
     """Check that `program` can have `kind` with these options; resolve the auto mode.
 
@@ -219,6 +248,16 @@ def make_request(
             f"{kind.value} with several wrt inputs takes one vector per point over all of "
             "them: set flatten=True and send vectors over the concatenated raveled inputs"
         )
+    if packed and (kind is not Kind.HESSIAN or out != () or variable.split):
+        raise InvalidArgument(
+            "packed applies to the hessian of a scalar function with respect to one input "
+            "(or flatten=True): the upper triangle of a symmetric matrix"
+        )
+    if output_dtype is not None and output_dtype not in _OUTPUT_DTYPES:
+        raise InvalidArgument(
+            f"output_dtype {output_dtype.name} is not a floating dtype; use one of "
+            + ", ".join(d.name for d in _OUTPUT_DTYPES)
+        )
     if program.fn is None:
         mode = exported.check_reverse_only(kind.value, mode.value, JacobianMode.REVERSE)
     if mode is JacobianMode.AUTO:
@@ -232,6 +271,8 @@ def make_request(
         layout=layout,
         order=order,
         shared=shared_indices(program, shared),
+        output_dtype=output_dtype,
+        packed=packed,
     )
 
 

@@ -17,7 +17,7 @@ import grpc
 import jax
 import numpy as np
 
-from hessd.proto import codec
+from hessd.proto import codec, stream
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service import analysis, kinds
 from hessd.service.config import ServerConfig
@@ -109,6 +109,14 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
     @_rpc
     def Register(self, request, context):
         program = self._register(request.spec, context)
+        for kind_value in request.warmup_kinds:
+            if kind_value not in _KINDS:
+                raise InvalidArgument(f"unknown warmup kind {kind_value}")
+            task = kinds.make_request(program, _KINDS[kind_value])
+            for batch in request.warmup_batch_sizes:
+                if batch < 1:
+                    raise InvalidArgument(f"warmup batch sizes must be ≥ 1, got {batch}")
+                self.engine.warmup(program, task, int(batch), _vector_dtype(program, task))
         return hessd_pb2.RegisterResponse(
             function_id=program.function_id,
             output_shape=program.output_shape,
@@ -117,11 +125,39 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
 
     @_rpc
     def Compute(self, request, context):
+        result = self._compute(request, context)
+        response = hessd_pb2.ComputeResponse()
+        for out, array in zip(_output_fields(response, result), _arrays(result), strict=True):
+            codec.encode(array, out=out)
+        return response
+
+    @_rpc
+    def ComputeStream(self, request_iterator, context):
+        try:
+            header, buffers = stream.receive(
+                request_iterator, "compute_request", self.config.max_request_bytes
+            )
+        except codec.TensorError as e:
+            limit = "over the limit" in str(e)
+            raise (ResourceExhausted if limit else InvalidArgument)(str(e)) from None
+        data = dict(zip((what for what, _ in stream.tensors(header)), buffers, strict=True))
+        result = self._compute(header, context, data)
+        response = hessd_pb2.ComputeResponse()
+        for out, array in zip(_output_fields(response, result), _arrays(result), strict=True):
+            codec.encode(array, out=out, data=False)
+        return stream.send("compute_response", response, _arrays(result))
+
+    def _compute(self, request, context, data: dict | None = None):
+        """The result of a ComputeRequest: an array, or a dict of named arrays. `data`
+        holds the bytes of streamed tensors by stream name ("input 'x'", "vector")."""
         program = self._program(request, context)
         if request.kind not in _KINDS:
             raise InvalidArgument(
                 f"unknown kind {request.kind}; use one of " + ", ".join(k.value for k in kinds.Kind)
             )
+        output_dtype = None
+        if request.output_dtype:
+            output_dtype = _decode_enum(codec.dtype_from_proto, request.output_dtype)
         task = kinds.make_request(
             program,
             _KINDS[request.kind],
@@ -131,19 +167,14 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             request.order,
             request.flatten,
             tuple(request.shared),
+            output_dtype=output_dtype,
+            packed=request.packed,
         )
-        args, batch = _decode_inputs(program, request.inputs, task.shared)
-        vector = _decode_vector(program, task, request, batch)
+        args, batch = _decode_inputs(program, request.inputs, task.shared, data)
+        vector = _decode_vector(program, task, request, batch, data)
         if vector is not None:
             args.append(vector)
-        result = self._run(program, task, args, context)
-        response = hessd_pb2.ComputeResponse()
-        if isinstance(result, dict):
-            for name, array in result.items():
-                codec.encode(array, out=response.outputs.add(name=name).tensor)
-        else:
-            codec.encode(result, out=response.output)
-        return response
+        return self._run(program, task, args, context)
 
     @_rpc
     def Spectrum(self, request, context):
@@ -181,13 +212,14 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         caller has gone (cancelled, or its deadline passed) in the meantime."""
         batch = next(a for i, a in enumerate(args) if i not in task.shared).shape[0]
         shapes = task.output_shapes(program)
-        itemsize = program.output_dtype.itemsize
+        itemsize = (getattr(task, "output_dtype", None) or program.output_dtype).itemsize
         nbytes = sum(math.prod((batch, *shape)) * itemsize for shape in shapes.values())
         if nbytes > self.config.max_output_bytes:
             described = ", ".join(f"{name} {(batch, *shape)}" for name, shape in shapes.items())
             raise ResourceExhausted(
                 f"the result for {batch} points would be {described} of "
-                f"{program.output_dtype.name}, {nbytes} bytes, over this server's limit of "
+                f"{np.dtype(getattr(task, 'output_dtype', None) or program.output_dtype).name}, "
+                f"{nbytes} bytes, over this server's limit of "
                 f"{self.config.max_output_bytes} bytes (--max-output-bytes); send fewer "
                 "points per request"
             )
@@ -220,6 +252,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 max_functions=c.max_functions,
                 max_exact_n=c.max_exact_n,
                 allow_jax_export=c.allow_jax_export,
+                stream_threshold_bytes=stream.CHUNK_BYTES,
             ),
         )
 
@@ -277,15 +310,36 @@ def _enum(table: dict, value: int, name: str):
         raise InvalidArgument(f"unknown {name} value {value}") from None
 
 
-def _decode(tensor: hessd_pb2.Tensor, what: str) -> np.ndarray:
+def _decode(tensor: hessd_pb2.Tensor, what: str, data: dict | None = None) -> np.ndarray:
     try:
-        return codec.decode(tensor, what)
+        return codec.decode(tensor, what, None if data is None else data[what])
     except codec.TensorError as e:
         raise InvalidArgument(str(e)) from None
 
 
+def _decode_enum(decode, value):
+    try:
+        return decode(value)
+    except codec.TensorError as e:
+        raise InvalidArgument(f"output_dtype: {e}") from None
+
+
+def _output_fields(response: hessd_pb2.ComputeResponse, result) -> list[hessd_pb2.Tensor]:
+    """The Tensor fields of `response` that `result` (array or dict) fills, in order."""
+    if isinstance(result, dict):
+        return [response.outputs.add(name=name).tensor for name in result]
+    return [response.output]
+
+
+def _arrays(result) -> list[np.ndarray]:
+    return list(result.values()) if isinstance(result, dict) else [result]
+
+
 def _decode_inputs(
-    program: Program, named: list[hessd_pb2.NamedTensor], shared: tuple[int, ...]
+    program: Program,
+    named: list[hessd_pb2.NamedTensor],
+    shared: tuple[int, ...],
+    data: dict | None = None,
 ) -> tuple[list[np.ndarray], int]:
     """One array per input of `program`, in its order, and the batch size. Each is checked:
     (batch, *shape), or (*shape) for the shared ones."""
@@ -308,7 +362,7 @@ def _decode_inputs(
     batch = first = None
     for i, signature in enumerate(program.inputs):
         what = f"input {signature.name!r}"
-        array = _decode(by_name[signature.name], what)
+        array = _decode(by_name[signature.name], what, data)
         if i in shared:
             if array.shape != signature.shape or array.dtype != signature.dtype:
                 raise InvalidArgument(
@@ -329,7 +383,11 @@ def _decode_inputs(
 
 
 def _decode_vector(
-    program: Program, task: kinds.Request, request: hessd_pb2.ComputeRequest, batch: int
+    program: Program,
+    task: kinds.Request,
+    request: hessd_pb2.ComputeRequest,
+    batch: int,
+    data: dict | None = None,
 ) -> np.ndarray | None:
     given = request.HasField("vector")
     if not task.takes_vector:
@@ -347,15 +405,19 @@ def _decode_vector(
     what = f"the {task.kind.value} {name[task.kind]}"
     if not given:
         raise InvalidArgument(f"{what} is missing: set vector, one per point")
-    vector = _decode(request.vector, what)
-    if task.kind is kinds.Kind.VJP:
-        dtype = program.output_dtype
-    else:
-        dtype = np.result_type(*(program.inputs[i].dtype for i in task.wrt.indices))
+    vector = _decode(request.vector, "vector" if data is not None else what, data)
+    dtype = _vector_dtype(program, task)
     _check_points(vector, task.vector_shape(program), dtype, what)
     if vector.shape[0] != batch:
         raise InvalidArgument(f"{what} has {vector.shape[0]} rows but there are {batch} points")
     return vector
+
+
+def _vector_dtype(program: Program, task: kinds.Request) -> np.dtype:
+    """The dtype of the per-point vector of an hvp/jvp/taylor (the variable's) or vjp."""
+    if task.kind is kinds.Kind.VJP:
+        return program.output_dtype
+    return np.result_type(*(program.inputs[i].dtype for i in task.wrt.indices))
 
 
 def _check_points(array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:

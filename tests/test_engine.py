@@ -108,3 +108,22 @@ def test_inline_spec_computes_without_register(server_address):
         )
         out = codec.decode(stub.Compute(request, timeout=30).output)
     np.testing.assert_array_equal(out, 2 * np.ones((2, 3)))
+
+
+def test_register_warmup_compiles_ahead_of_the_first_call(server_address):
+    from hessd.service.config import ServerConfig
+    from hessd.service.server import create_server
+
+    server, port = create_server(ServerConfig(port=0))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            stats = server.servicer.engine.stats
+            f = c.register("sum(x**3)", {"x": (3,)}, dtype="float64", warmup=[5, 64],
+                           warmup_kinds=["gradient", "hvp"])  # fmt: skip
+            assert stats.compiles == 4  # 2 kinds x buckets 8 and 64
+            c.gradient(f, np.ones((7, 3)))
+            c.hvp(f, np.ones((50, 3)), np.ones((50, 3)))
+            assert stats.compiles == 4 and stats.hits >= 2
+    finally:
+        server.stop(None)

@@ -159,10 +159,14 @@ class FunctionSpec(_message.Message):
     def __init__(self, expression: _Optional[_Union[Expression, _Mapping]] = ..., jax_export: _Optional[_Union[JaxExport, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., constants: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "warmup_batch_sizes", "warmup_kinds")
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_KINDS_FIELD_NUMBER: _ClassVar[int]
     spec: FunctionSpec
-    def __init__(self, spec: _Optional[_Union[FunctionSpec, _Mapping]] = ...) -> None: ...
+    warmup_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    warmup_kinds: _containers.RepeatedScalarFieldContainer[Kind]
+    def __init__(self, spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., warmup_batch_sizes: _Optional[_Iterable[int]] = ..., warmup_kinds: _Optional[_Iterable[_Union[Kind, str]]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("function_id", "output_shape", "output_dtype")
@@ -175,7 +179,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, function_id: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("function_id", "spec", "kind", "inputs", "vector", "wrt", "jacobian_mode", "layout", "order", "flatten", "shared")
+    __slots__ = ("function_id", "spec", "kind", "inputs", "vector", "wrt", "jacobian_mode", "layout", "order", "flatten", "shared", "output_dtype", "packed")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +191,8 @@ class ComputeRequest(_message.Message):
     ORDER_FIELD_NUMBER: _ClassVar[int]
     FLATTEN_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     spec: FunctionSpec
     kind: Kind
@@ -198,7 +204,9 @@ class ComputeRequest(_message.Message):
     order: int
     flatten: bool
     shared: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., kind: _Optional[_Union[Kind, str]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., jacobian_mode: _Optional[_Union[JacobianMode, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., order: _Optional[int] = ..., flatten: _Optional[bool] = ..., shared: _Optional[_Iterable[str]] = ...) -> None: ...
+    output_dtype: DType
+    packed: bool
+    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., kind: _Optional[_Union[Kind, str]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., jacobian_mode: _Optional[_Union[JacobianMode, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., order: _Optional[int] = ..., flatten: _Optional[bool] = ..., shared: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
     __slots__ = ("output", "outputs")
@@ -278,6 +286,16 @@ class SpectrumResponse(_message.Message):
     density: Tensor
     def __init__(self, eigenvalues: _Optional[_Union[Tensor, _Mapping]] = ..., eigenvectors: _Optional[_Union[Tensor, _Mapping]] = ..., gradient_norm: _Optional[_Union[Tensor, _Mapping]] = ..., point_class: _Optional[_Union[Tensor, _Mapping]] = ..., stationary: _Optional[_Union[Tensor, _Mapping]] = ..., tol: _Optional[_Union[Tensor, _Mapping]] = ..., gtol: _Optional[_Union[Tensor, _Mapping]] = ..., residuals: _Optional[_Union[Tensor, _Mapping]] = ..., trace: _Optional[_Union[Tensor, _Mapping]] = ..., trace_std_error: _Optional[_Union[Tensor, _Mapping]] = ..., nodes: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ..., density: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class StreamMessage(_message.Message):
+    __slots__ = ("compute_request", "compute_response", "data")
+    COMPUTE_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    compute_request: ComputeRequest
+    compute_response: ComputeResponse
+    data: bytes
+    def __init__(self, compute_request: _Optional[_Union[ComputeRequest, _Mapping]] = ..., compute_response: _Optional[_Union[ComputeResponse, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class ServerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -293,7 +311,7 @@ class Device(_message.Message):
     def __init__(self, id: _Optional[int] = ..., platform: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_request_bytes", "max_output_bytes", "max_batch_bucket", "max_expression_chars", "max_functions", "max_exact_n", "allow_jax_export")
+    __slots__ = ("max_request_bytes", "max_output_bytes", "max_batch_bucket", "max_expression_chars", "max_functions", "max_exact_n", "allow_jax_export", "stream_threshold_bytes")
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_BUCKET_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +319,7 @@ class Limits(_message.Message):
     MAX_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_EXACT_N_FIELD_NUMBER: _ClassVar[int]
     ALLOW_JAX_EXPORT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_THRESHOLD_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_request_bytes: int
     max_output_bytes: int
     max_batch_bucket: int
@@ -308,7 +327,8 @@ class Limits(_message.Message):
     max_functions: int
     max_exact_n: int
     allow_jax_export: bool
-    def __init__(self, max_request_bytes: _Optional[int] = ..., max_output_bytes: _Optional[int] = ..., max_batch_bucket: _Optional[int] = ..., max_expression_chars: _Optional[int] = ..., max_functions: _Optional[int] = ..., max_exact_n: _Optional[int] = ..., allow_jax_export: _Optional[bool] = ...) -> None: ...
+    stream_threshold_bytes: int
+    def __init__(self, max_request_bytes: _Optional[int] = ..., max_output_bytes: _Optional[int] = ..., max_batch_bucket: _Optional[int] = ..., max_expression_chars: _Optional[int] = ..., max_functions: _Optional[int] = ..., max_exact_n: _Optional[int] = ..., allow_jax_export: _Optional[bool] = ..., stream_threshold_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
     __slots__ = ("version", "jax_version", "backend", "devices", "limits", "server_id")

@@ -49,6 +49,11 @@ class HessdStub:
                 request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumRequest.SerializeToString,
                 response_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumResponse.FromString,
                 _registered_method=True)
+        self.ComputeStream = channel.stream_stream(
+                '/hessd.v1.Hessd/ComputeStream',
+                request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.SerializeToString,
+                response_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.FromString,
+                _registered_method=True)
         self.ServerInfo = channel.unary_unary(
                 '/hessd.v1.Hessd/ServerInfo',
                 request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.ServerInfoRequest.SerializeToString,
@@ -100,6 +105,15 @@ class HessdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeStream(self, request_iterator, context):
+        """Compute for large tensors: the same request and response, streamed in chunks (see
+        StreamMessage), so any size up to the server's limits travels at the speed of ~1 MiB
+        messages and no message nears protobuf's 2 GiB cap. Same status codes as Compute.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ServerInfo(self, request, context):
         """Version, JAX backend, devices and limits. Always OK.
         """
@@ -124,6 +138,11 @@ def add_HessdServicer_to_server(servicer, server):
                     servicer.Spectrum,
                     request_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumRequest.FromString,
                     response_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumResponse.SerializeToString,
+            ),
+            'ComputeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ComputeStream,
+                    request_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.FromString,
+                    response_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.SerializeToString,
             ),
             'ServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerInfo,
@@ -212,6 +231,33 @@ class Hessd:
             '/hessd.v1.Hessd/Spectrum',
             hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumRequest.SerializeToString,
             hessd_dot_proto_dot_v1_dot_hessd__pb2.SpectrumResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hessd.v1.Hessd/ComputeStream',
+            hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.SerializeToString,
+            hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.FromString,
             options,
             channel_credentials,
             insecure,
