@@ -21,7 +21,10 @@ from typing import Protocol
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from hessd.service.errors import ResourceExhausted
 from hessd.service.program import Program
 
 __all__ = ["Engine", "EngineStats", "Request", "bucket_for"]
@@ -65,14 +68,26 @@ class EngineStats:
 
 
 class Engine:
-    """Runs derivative requests on one device with cached, bucketed executables."""
+    """Runs derivative requests with cached, bucketed executables on the local devices.
 
-    def __init__(self, *, max_bucket: int = 1024, cache_size: int = 256):
+    With several devices (GPUs, or CPU devices from
+    XLA_FLAGS=--xla_force_host_platform_device_count=N) the batch axis is sharded over them
+    and shared inputs are replicated; buckets are then at least one point per device.
+    """
+
+    def __init__(
+        self, *, max_bucket: int = 1024, cache_size: int = 256, devices: Sequence | None = None
+    ):
         if max_bucket < 1 or max_bucket & (max_bucket - 1):
             raise ValueError(f"max_bucket must be a power of two, got {max_bucket}")
         # The server computes in whatever dtype a spec declares, float64 included.
         jax.config.update("jax_enable_x64", True)
-        self.max_bucket = max_bucket
+        self.devices = list(devices or jax.local_devices())
+        n = len(self.devices)
+        if n & (n - 1):
+            raise ValueError(f"the number of devices must be a power of two, got {n}")
+        self._mesh = Mesh(np.array(self.devices), ("batch",)) if n > 1 else None
+        self.max_bucket = max(max_bucket, n)
         self.cache_size = cache_size
         self.stats = EngineStats()
         self._cache: collections.OrderedDict[tuple, jax.stages.Compiled] = collections.OrderedDict()
@@ -98,23 +113,34 @@ class Engine:
             # Requests that hold large per-point state (Lanczos bases) say how many points
             # fit at once; round down to a bucket so the chunks share an executable.
             size = min(size, 1 << (max(limit, 1).bit_length() - 1))
-        chunks = [
-            self._run_chunk(
-                program,
-                request,
-                [a[start : start + size] if b else a for a, b in zip(args, batched, strict=True)],
-                batched,
-                size,
-            )
-            for start in range(0, batch, size)
-        ]
+        chunks = []
+        start = 0
+        while start < batch:
+            chunk = [
+                a[start : start + size] if b else a for a, b in zip(args, batched, strict=True)
+            ]
+            try:
+                chunks.append(self._run_chunk(program, request, chunk, batched, size))
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                # Device memory ran out: halve the chunk and go on, down to one point.
+                if size == 1:
+                    raise ResourceExhausted(
+                        "one point of this request does not fit in device memory "
+                        f"({self.devices[0].device_kind}): {str(e).splitlines()[0]}"
+                    ) from None
+                size //= 2
+                logger.warning("device out of memory; chunks of %d points from now on", size)
+                continue
+            start += size
         if len(chunks) == 1:
             return chunks[0]
         return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
 
     def _run_chunk(self, program, request, args, batched, max_bucket) -> Output:
         batch = next(a for a, b in zip(args, batched, strict=True) if b).shape[0]
-        bucket = bucket_for(batch, max_bucket)
+        bucket = max(bucket_for(batch, max_bucket), len(self.devices))
         if bucket > batch:
             # Pad with copies of the last point: the padded rows are discarded, and real
             # values keep them clear of spurious inf/nan work.
@@ -131,7 +157,7 @@ class Engine:
 
     def warmup(self, program: Program, request: Request, batch: int, vector_dtype) -> None:
         """Compile the executable a call of `batch` points would use (no shared inputs)."""
-        bucket = bucket_for(min(batch, self.max_bucket), self.max_bucket)
+        bucket = max(bucket_for(min(batch, self.max_bucket), self.max_bucket), len(self.devices))
         signature = [(s.shape, s.dtype, True) for s in program.inputs]
         if getattr(request, "takes_vector", False):
             signature.append((request.vector_shape(program), np.dtype(vector_dtype), True))
@@ -187,7 +213,16 @@ class Engine:
             jax.ShapeDtypeStruct((bucket, *shape) if batched else shape, dtype)
             for shape, dtype, batched in signature
         ]
-        executable = jax.jit(transform).lower(*avals).compile()
+        if self._mesh is None:
+            jitted = jax.jit(transform)
+        else:
+            split, whole = NamedSharding(self._mesh, P("batch")), NamedSharding(self._mesh, P())
+            jitted = jax.jit(
+                transform,
+                in_shardings=[split if batched else whole for _, _, batched in signature],
+                out_shardings=split,
+            )
+        executable = jitted.lower(*avals).compile()
         seconds = time.perf_counter() - start
         with self._lock:
             self.stats.compiles += 1
