@@ -21,7 +21,8 @@ Two load models, one asyncio loop over one AsyncClient (grpc.aio) channel:
                            have finished; in-flight is unbounded and reported
 
 Latency is measured around `await client.compute(...)`: the client's encoding and event-loop
-delays are part of it, as they are of what an asyncio caller sees.
+delays are part of it, as they are of what an asyncio caller sees, and so are the retries the
+client makes on UNAVAILABLE (a retried request counts once, as a success or an error).
 
 Each level is measured in windows of --window-seconds, repeated until the last 3 windows
 agree within --stability on throughput and on p95 latency (every one within that fraction of
@@ -42,10 +43,11 @@ Output: the table on stdout, `<out>.csv` (one row per level, the columns of COLU
 `<out>.json` ({"metadata": {...}, "rows": [...]}, each row also with its window_stats), and
 with --plot `<out>-throughput.png` and `<out>-latency.png`.
 
-Exit codes: 0 measured; 1 no server answered at --address (before or during the sweep);
-2 a refused flag, file or request (the first request is sent before the sweep, so a kind the
-function does not support fails here); 130 interrupted, after printing and writing what was
-measured so far.
+Exit codes: 0 measured; 1 no server answered at --address within --connect-timeout, or the
+setup did not finish within --setup-timeout, or every request of a window failed with
+UNAVAILABLE (the client retries UNAVAILABLE with backoff first); 2 a refused flag, file or
+request (the first request is sent before the sweep, so a kind the function does not take
+fails there); 130 interrupted, after printing and writing what was measured so far.
 """
 
 from __future__ import annotations
@@ -74,19 +76,20 @@ import numpy as np
 from hessd.client import AsyncClient, DeadlineExceeded, Function, HessdError, Unavailable
 from hessd.client.spectrum_job import FunctionSpec, JobError, _load_spec
 
-__all__ = ["COLUMNS", "Row", "Window", "add_arguments", "is_stable", "main", "summarize"]
+__all__ = [
+    "COLUMNS",
+    "Row",
+    "Window",
+    "add_arguments",
+    "format_table",
+    "is_stable",
+    "main",
+    "plot",
+    "summarize",
+    "write_results",
+]
 
-KINDS = (
-    "value",
-    "gradient",
-    "jacobian",
-    "hessian",
-    "hvp",
-    "jvp",
-    "vjp",
-    "taylor2",
-    "taylor",
-)
+KINDS = ("value", "gradient", "jacobian", "hessian", "hvp", "jvp", "vjp", "taylor2", "taylor")
 _VECTOR_KINDS = ("hvp", "jvp", "vjp", "taylor")
 _DTYPES = ("float32", "float64")
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
@@ -120,7 +123,8 @@ class BenchError(Exception):
 
 
 class ServerGone(Exception):
-    """A whole window of requests failed with UNAVAILABLE: the server went away mid-sweep."""
+    """No server answered at the start, or a whole window of requests failed with
+    UNAVAILABLE (the server went away mid-sweep); main prints it and returns 1."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -214,14 +218,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--connect-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="seconds for the server to answer ServerInfo, the first call; the client retries "
+        "UNAVAILABLE meanwhile (default: %(default)s)",
+    )
+    parser.add_argument(
         "--setup-timeout",
         type=_positive_float,
         default=300.0,
-        help="seconds for server info, registering, and the first request, which compiles "
+        help="seconds each for registering and for the first request, which compiles "
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="of the random constants, points and vectors"
+        "--seed", type=_at_least(0), default=0, help="of the random constants, points and vectors"
     )
     parser.add_argument(
         "--out",
@@ -261,22 +272,12 @@ def main(args: argparse.Namespace) -> int:
     except ServerGone as e:
         outcome, code = "server unavailable", 1
         print(f"hessd bench: {e}", file=sys.stderr)
-    except Unavailable as e:
-        print(f"hessd bench: no hessd server answered at {args.address}: {e}", file=sys.stderr)
-        return 1
-    except DeadlineExceeded as e:
-        print(
-            f"hessd bench: the server at {args.address} did not answer within --setup-timeout "
-            f"{args.setup_timeout:g} s (server info, register, and the first request, which "
-            f"compiles): {e}",
-            file=sys.stderr,
-        )
-        return 1
     except (HessdError, BenchError) as e:
         return _refuse(e)
     rows = sweep.rows(partial=outcome)
     if not rows:
-        print("hessd bench: nothing was measured", file=sys.stderr)
+        if code == 130:
+            print("hessd bench: nothing was measured", file=sys.stderr)
         return code
     print(format_table(rows, args.batch))
     metadata = {
@@ -424,7 +425,7 @@ def _function_spec(args: argparse.Namespace) -> tuple[FunctionSpec, dict[str, st
         ("--constant", args.constant, constants),
     ):
         if len(pairs) != len(names):
-            raise BenchError(f"{flag} names an input twice: {[n for n, _ in pairs]}")
+            raise BenchError(f"{flag} gives a name twice: {[n for n, _ in pairs]}")
     if both := sorted(set(inputs) & set(constants)):
         raise BenchError(f"{both} is given both as an input and as a constant")
     dtype = args.dtype or "float32"
@@ -695,15 +696,36 @@ class _Sweep:
                 print(_progress_line(row), file=sys.stderr, flush=True)
 
     async def _set_up(self, client: AsyncClient) -> Callable[[], Any]:
-        """Register, draw the points, and send the first request (it compiles): a kind the
-        function does not take, a bad --wrt or a bad expression fails here, before the
-        sweep. Returns the measured call."""
+        """Ask for the server's info, register, and send the first request (it compiles);
+        returns the measured call."""
         args, spec = self.args, self.spec
+        try:
+            self.server_info = await client.server_info(timeout=args.connect_timeout)
+        except (Unavailable, DeadlineExceeded) as e:
+            raise ServerGone(
+                f"no hessd server answered at {args.address} within --connect-timeout "
+                f"{args.connect_timeout:g} s: {e}"
+            ) from None
         setup = args.setup_timeout
-        self.server_info = await client.server_info(timeout=setup)
-        self.function = f = await client.register(
-            spec.expression, spec.inputs, spec.constants, spec.dtype, timeout=setup
-        )
+        try:
+            self.function = f = await client.register(
+                spec.expression, spec.inputs, spec.constants, spec.dtype, timeout=setup
+            )
+            call = await self._first_request(client, f, setup)
+        except (Unavailable, DeadlineExceeded) as e:
+            raise ServerGone(
+                f"the server at {args.address} answered ServerInfo but did not register the "
+                f"function and answer its first request (which compiles) within "
+                f"--setup-timeout {setup:g} s: {e}"
+            ) from None
+        return call
+
+    async def _first_request(
+        self, client: AsyncClient, f: Function, timeout: float
+    ) -> Callable[[], Any]:
+        """Draw the points (and the vector) and send them once: a kind the function does not
+        take fails here, before the sweep. Returns the measured call."""
+        args = self.args
         if args.wrt is not None and args.wrt not in f.inputs:
             raise BenchError(f"--wrt {args.wrt}: the function's inputs are {list(f.inputs)}")
         rng = np.random.default_rng([args.seed, 1])
@@ -717,7 +739,7 @@ class _Sweep:
                 f.output_shape if args.kind == "vjp" else f.inputs[args.wrt or next(iter(f.inputs))]
             )
             options["vector"] = rng.standard_normal((args.batch, *shape)).astype(f.dtype)
-        await client.compute(f, args.kind, points, timeout=setup, **options)
+        await client.compute(f, args.kind, points, timeout=timeout, **options)
 
         def call():
             return client.compute(f, args.kind, points, **options)

@@ -24,22 +24,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Sequence
 
-import grpc
 import numpy as np
 
 from hessd.service.engine import Engine, Output, Request
-from hessd.service.errors import ResourceExhausted, ServiceError
+from hessd.service.errors import Cancelled, ResourceExhausted
 from hessd.service.program import Program
 
-__all__ = ["Batcher", "BatcherStats", "Cancelled"]
-
-
-class Cancelled(ServiceError):
-    """The caller went away (cancelled, or past its deadline) before its batch computed."""
-
-    code = grpc.StatusCode.CANCELLED
+__all__ = ["Batcher", "BatcherStats"]
 
 
 @dataclasses.dataclass
@@ -69,6 +63,7 @@ class _Caller:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     result: Output | None = None
     error: BaseException | None = None
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 @dataclasses.dataclass(eq=False)
@@ -94,7 +89,7 @@ class Batcher:
         ResourceExhausted. At least max_size, so that any batchable request fits when idle.
 
     Callers whose `is_active()` is false when their batch is built are not computed; they
-    get Cancelled (gRPC has already answered their client, so nobody reads it).
+    get Cancelled (gRPC has already told their client CANCELLED or DEADLINE_EXCEEDED).
     """
 
     def __init__(
@@ -119,6 +114,8 @@ class Batcher:
         self._lock = threading.Lock()
         self._open: dict[tuple, _Batch] = {}  # by key: the batch still taking callers
         self._computing: dict[tuple, int] = {}  # by key: its batches inside engine.run
+        # Called with each batched caller's wait, in seconds, as its batch starts (metrics).
+        self.observe_queue: Callable[[float], None] | None = None
         self._queued = 0
 
     @property
@@ -212,6 +209,10 @@ class Batcher:
                     caller.error = Cancelled(
                         "the call was cancelled or passed its deadline while waiting for its batch"
                     )
+            if self.observe_queue is not None:
+                now = time.perf_counter()
+                for caller in active:
+                    self.observe_queue(now - caller.arrived)
             with self._lock:
                 self.stats.dropped += len(batch.callers) - len(active)
                 if active:

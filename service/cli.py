@@ -1,4 +1,4 @@
-"""The `hessd` command line: `hessd serve`."""
+"""The `hessd` command line: `hessd serve`, `hessd spectrum`, `hessd bench`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from hessd.client import spectrum_job
+from hessd.client import bench, spectrum_job
 from hessd.service.config import ServerConfig
 
 DEFAULT_COMPILE_CACHE = os.path.join(
@@ -43,9 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         "spectrum", help="the Hessian spectrum at a file of points, against a running server"
     )
     spectrum_job.add_arguments(spectrum)
+    load = commands.add_parser(
+        "bench", help="load-test a server: throughput and latency per concurrency or request rate"
+    )
+    bench.add_arguments(load)
     args = parser.parse_args(argv)
     if args.command == "spectrum":
         return spectrum_job.main(args)
+    if args.command == "bench":
+        return bench.main(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

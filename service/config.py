@@ -31,6 +31,21 @@ class ServerConfig:
     max_exact_n: int = _field(
         4096, "largest Hessian (n x n) the exact spectrum forms; above it use lanczos"
     )
+    batch_max_size: int = _field(
+        64,
+        "most points one batched device call gathers from concurrent requests; larger "
+        "requests run alone",
+    )
+    batch_max_delay_us: int = _field(
+        500,
+        "longest a request waits for others while a batch of the same computation is "
+        "computing; 0 turns dynamic batching off",
+    )
+    batch_max_queue: int = _field(
+        4096,
+        "most points waiting for or in batched device calls; more are refused with "
+        "RESOURCE_EXHAUSTED",
+    )
     executable_cache_size: int = _field(256, "compiled executables kept (LRU)")
     max_functions: int = _field(4096, "registered functions kept (LRU)")
     max_expression_chars: int = _field(20_000, "longest expression source accepted")

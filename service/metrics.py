@@ -32,9 +32,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.queue = Histogram(
-            "hessd_queue_seconds", "Time waiting to be batched with other calls",
+            "hessd_queue_seconds", "Time a call waited to be batched with others",
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        if batcher is not None:
+            batcher.observe_queue = self.queue.observe
         self.batch_points = Histogram(
             "hessd_batch_points", "Points per request", buckets=_POINT_BUCKETS,
             registry=self.registry,
@@ -76,3 +78,14 @@ class _StateCollector:
             if in_use is not None:
                 memory.add_metric([str(device.id)], in_use)
         yield memory
+        if self.batcher is not None:
+            batches = CounterMetricFamily(
+                "hessd_batcher", "Dynamic batching of concurrent calls", labels=["event"]
+            )
+            for event in ("requests", "batches", "coalesced", "dropped", "rejected"):
+                batches.add_metric([event], getattr(self.batcher.stats, event))
+            yield batches
+            yield GaugeMetricFamily(
+                "hessd_batcher_queued_points", "Points waiting or computing in batches",
+                value=self.batcher.queued,
+            )  # fmt: skip

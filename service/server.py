@@ -38,7 +38,7 @@ class HessdServer:
         self._draining = threading.Event()
         self.tokens = tokens if tokens is not None else Tokens.load(config.tokens_file)
         self.servicer = HessdServicer(config, tokens=self.tokens)
-        self.metrics = Metrics(self.servicer.engine, self.servicer.registry)
+        self.metrics = Metrics(self.servicer.engine, self.servicer.registry, self.servicer.batcher)
         self.servicer.metrics = self.metrics
         self.metrics_port: int | None = None
         self.health = health.HealthServicer()

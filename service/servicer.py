@@ -20,10 +20,10 @@ import numpy as np
 from hessd.proto import codec, stream
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service import analysis, kinds
+from hessd.service.batcher import Batcher
 from hessd.service.config import ServerConfig
 from hessd.service.engine import Engine
 from hessd.service.errors import (
-    Cancelled,
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
@@ -99,6 +99,12 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         self.metrics: Metrics | None = None
         self.engine = engine or Engine(
             max_bucket=config.max_batch_bucket, cache_size=config.executable_cache_size
+        )
+        self.batcher = Batcher(
+            self.engine,
+            max_size=config.batch_max_size,
+            max_delay_s=config.batch_max_delay_us * 1e-6,
+            max_queue=config.batch_max_queue,
         )
         self.registry = Registry(
             config.max_functions,
@@ -223,10 +229,10 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 f"{self.config.max_output_bytes} bytes (--max-output-bytes); send fewer "
                 "points per request"
             )
-        if not context.is_active():
-            raise Cancelled("the call was cancelled or its deadline passed before compute")
         start = time.perf_counter()
-        result = self.engine.run(program, task, args)
+        # Coalesced with concurrent calls of the same computation; a caller that has gone
+        # (cancelled, deadline passed) is dropped before compute.
+        result = self.batcher.run(program, task, args, is_active=context.is_active)
         if self.metrics is not None:
             kind = getattr(task, "kind", getattr(task, "method", None))
             self.metrics.compute.labels(kind.value).observe(time.perf_counter() - start)
