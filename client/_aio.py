@@ -10,16 +10,13 @@ import numpy as np
 
 from hessd.client import _requests
 from hessd.client._client import (
-    CHANNEL_OPTIONS,
-    STREAM_THRESHOLD,
-    Connection,
     _Kinds,
     _with_spec,
 )
 from hessd.client._errors import NotFound, from_rpc_error
 from hessd.client._requests import Function, Points, Spectrum
 from hessd.proto import stream
-from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
+from hessd.proto.v1 import hessd_pb2
 
 __all__ = ["AsyncClient"]
 
@@ -34,25 +31,7 @@ class AsyncClient(_Kinds):
     Methods, arguments, results and exceptions are those of Client.
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        timeout: float | None = 30.0,
-        stream_threshold: int = STREAM_THRESHOLD,
-        **connection,
-    ):
-        self.connection = Connection(target, **connection)
-        self.timeout = timeout
-        self.stream_threshold = stream_threshold
-        credentials = self.connection.credentials()
-        address = self.connection.address()
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-        self._stub = hessd_pb2_grpc.HessdStub(self._channel)
-        self._metadata = self.connection.metadata()
+    _api = grpc.aio
 
     async def close(self) -> None:
         await self._channel.close()
@@ -103,11 +82,7 @@ class AsyncClient(_Kinds):
     async def _streamed(self, call: _requests.ComputeCall, timeout: float | None):
         messages = stream.send("compute_request", call.request, call.arrays)
         try:
-            replies = self._stub.ComputeStream(
-                messages,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
-            )
+            replies = self._stub.ComputeStream(messages, **self._call_options(timeout))
             # The stream's messages are small; gathering them keeps `receive` one function.
             header, buffers = stream.receive(
                 [m async for m in replies], "compute_response", max_bytes=1 << 62
@@ -139,10 +114,6 @@ class AsyncClient(_Kinds):
 
     async def _call(self, method, request, timeout: float | None):
         try:
-            return await method(
-                request,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
-            )
+            return await method(request, **self._call_options(timeout))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None

@@ -95,6 +95,13 @@ class Connection:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
+    def open(self, api):
+        """A channel from `api`, grpc or grpc.aio (they share these two functions)."""
+        credentials, address = self.credentials(), self.address()
+        if credentials is None:
+            return api.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return api.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+
 
 def _with_spec(request, f: Function):
     """A copy of `request` that carries f's spec instead of its id."""
@@ -113,8 +120,32 @@ def _is_ipv4(host: str) -> bool:
 
 
 class _Kinds:
-    """The derivative kinds as methods, over `compute` (which the sync and async clients
-    each define: with AsyncClient every one of these returns an awaitable)."""
+    """The connection and the derivative kinds as methods, over `compute` (which the sync
+    and async clients each define: with AsyncClient every one of these returns an
+    awaitable). `_api` is the gRPC module the channel comes from."""
+
+    _api = grpc
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = 30.0,
+        stream_threshold: int = STREAM_THRESHOLD,
+        **connection,
+    ):
+        self.connection = Connection(target, **connection)
+        self.timeout = timeout
+        self.stream_threshold = stream_threshold
+        self._channel = self.connection.open(self._api)
+        self._stub = hessd_pb2_grpc.HessdStub(self._channel)
+        self._metadata = self.connection.metadata()
+
+    def _call_options(self, timeout: float | None) -> dict:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": self._metadata,
+        }
 
     def compute(self, f: Function, kind: str, points: Points, **options):
         raise NotImplementedError  # each client defines it
@@ -188,26 +219,6 @@ class Client(_Kinds):
     once for all points, without a batch axis.
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        timeout: float | None = 30.0,
-        stream_threshold: int = STREAM_THRESHOLD,
-        **connection,
-    ):
-        self.connection = Connection(target, **connection)
-        self.timeout = timeout
-        self.stream_threshold = stream_threshold
-        credentials = self.connection.credentials()
-        address = self.connection.address()
-        if credentials is None:
-            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-        self._stub = hessd_pb2_grpc.HessdStub(self._channel)
-        self._metadata = self.connection.metadata()
-
     def close(self) -> None:
         self._channel.close()
 
@@ -280,11 +291,7 @@ class Client(_Kinds):
     def _streamed(self, call: _requests.ComputeCall, timeout: float | None):
         messages = stream.send("compute_request", call.request, call.arrays)
         try:
-            replies = self._stub.ComputeStream(
-                messages,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
-            )
+            replies = self._stub.ComputeStream(messages, **self._call_options(timeout))
             header, buffers = stream.receive(replies, "compute_response", max_bytes=1 << 62)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -323,10 +330,6 @@ class Client(_Kinds):
 
     def _call(self, method, request, timeout: float | None):
         try:
-            return method(
-                request,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
-            )
+            return method(request, **self._call_options(timeout))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None

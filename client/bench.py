@@ -73,7 +73,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hessd.client import AsyncClient, DeadlineExceeded, Function, HessdError, Unavailable
+from hessd.client import AsyncClient, DeadlineExceeded, Function, HessdError, Unavailable, _args
 from hessd.client.spectrum_job import FunctionSpec, JobError, _load_spec
 
 __all__ = [
@@ -165,11 +165,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--order",
-        type=_positive_int,
+        type=_args.positive_int,
         help=f"taylor: how many directional derivatives (default: {DEFAULT_TAYLOR_ORDER})",
     )
     parser.add_argument(
-        "--batch", type=_positive_int, default=1, help="points per request (default: 1)"
+        "--batch", type=_args.positive_int, default=1, help="points per request (default: 1)"
     )
     load = parser.add_mutually_exclusive_group()
     load.add_argument(
@@ -193,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--window-seconds",
-        type=_positive_float,
+        type=_args.positive_float,
         default=2.0,
         help="length of one measurement window (default: %(default)s)",
     )
@@ -205,28 +205,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stability",
-        type=_positive_float,
+        type=_args.positive_float,
         default=0.10,
         help=f"the last {STABLE_WINDOWS} windows' throughput and p95 must each lie within this "
         "fraction of their mean (default: %(default)s)",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_args.positive_float,
         default=30.0,
         help="seconds per measured request; a late one is a DEADLINE_EXCEEDED error "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "--connect-timeout",
-        type=_positive_float,
+        type=_args.positive_float,
         default=10.0,
         help="seconds for the server to answer ServerInfo, the first call; the client retries "
         "UNAVAILABLE meanwhile (default: %(default)s)",
     )
     parser.add_argument(
         "--setup-timeout",
-        type=_positive_float,
+        type=_args.positive_float,
         default=300.0,
         help="seconds each for registering and for the first request, which compiles "
         "(default: %(default)s)",
@@ -323,20 +323,6 @@ def _now() -> str:
 
 
 # ------------------------------------------------------------------------------ the flags
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:

@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from hessd.client import Client, Function, HessdError, NotFound, Spectrum, Unavailable
+from hessd.client import Client, Function, HessdError, NotFound, Spectrum, Unavailable, _args
 
 __all__ = ["add_arguments", "main"]
 
@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="exact", help="(default: exact)")
     parser.add_argument(
         "--k",
-        type=_positive_int,
+        type=_args.positive_int,
         help=f"lanczos: how many smallest and largest eigenvalues (default: {DEFAULT_K})",
     )
     parser.add_argument(
@@ -110,26 +110,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default="127.0.0.1:50051", help="(default: %(default)s)")
     parser.add_argument(
         "--chunk-size",
-        type=_positive_int,
+        type=_args.positive_int,
         default=64,
         help="points per request, and per resumable part (default: %(default)s)",
     )
     parser.add_argument(
         "--seed",
-        type=_non_negative_int,
+        type=_args.non_negative_int,
         default=0,
         help="seed of the random probes and start vectors, the same for every chunk "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_args.positive_float,
         default=600.0,
         help="seconds per request (default: %(default)s)",
     )
     parser.add_argument(
         "--retry-seconds",
-        type=_non_negative_float,
+        type=_args.non_negative_float,
         default=120.0,
         help="how long to keep retrying while the server is unavailable (default: %(default)s)",
     )
@@ -138,14 +138,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eigenvectors", action="store_true", help="exact and lanczos: also save eigenvectors"
     )
     parser.add_argument(
-        "--num-steps", type=_positive_int, help="lanczos and density: Lanczos steps per run"
+        "--num-steps", type=_args.positive_int, help="lanczos and density: Lanczos steps per run"
     )
-    parser.add_argument("--num-probes", type=_positive_int, help="density: random probes")
+    parser.add_argument("--num-probes", type=_args.positive_int, help="density: random probes")
     parser.add_argument(
-        "--tol", type=_non_negative_float, help="eigenvalues within ±tol count as zero"
+        "--tol", type=_args.non_negative_float, help="eigenvalues within ±tol count as zero"
     )
     parser.add_argument(
-        "--gtol", type=_non_negative_float, help="a point is stationary when ‖∇f‖ ≤ gtol"
+        "--gtol", type=_args.non_negative_float, help="a point is stationary when ‖∇f‖ ≤ gtol"
     )
     parser.add_argument(
         "--progress",
@@ -681,31 +681,3 @@ def _summary(
     if method == "density":
         lines.append("classes of density from the extreme Ritz values of the SLQ runs")
     return "\n".join(lines)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and np.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not (value >= 0 and np.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
-    return value
