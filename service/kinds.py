@@ -154,7 +154,7 @@ class Request:
             per_point = _TRANSFORMS[self.kind](self, program)
             in_axes = [None if i in self.shared else 0 for i in range(len(program.inputs))]
             g = jax.vmap(per_point, in_axes=(*in_axes, *[0] * self.takes_vector))
-        if not self.packed and self.output_dtype is None:
+        if not self.packs_on_device and self.output_dtype is None:
             return g
 
         def on_device(*args):
@@ -163,8 +163,29 @@ class Request:
 
         return on_device
 
+    @property
+    def packs_on_device(self) -> bool:
+        """Whether the transform packs. On the CPU there is no transfer to save and XLA's
+        gather of the triangle is ~5x slower than numpy's row copies (n=256, batch 512:
+        50 ms against 10), so the engine's caller packs there instead (pack_on_host)."""
+        return self.packed and jax.default_backend() != "cpu"
+
+    def pack_on_host(self, result: np.ndarray) -> np.ndarray:
+        """The upper triangles of (batch, *x, *x) Hessians, row-major: (batch, n(n+1)/2)."""
+        if not self.packed or self.packs_on_device:
+            return result
+        b = result.shape[0]
+        n = math.isqrt(math.prod(result.shape[1:]))
+        full = result.reshape(b, n, n)
+        packed = np.empty((b, n * (n + 1) // 2), result.dtype)
+        start = 0
+        for i in range(n):
+            packed[:, start : start + n - i] = full[:, i, i:]
+            start += n - i
+        return packed
+
     def _pack_and_cast(self, result: jax.Array) -> jax.Array:
-        if self.packed:
+        if self.packs_on_device:
             b = result.shape[0]
             n = math.isqrt(math.prod(result.shape[1:]))
             rows, cols = np.triu_indices(n)

@@ -180,7 +180,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         vector = _decode_vector(program, task, request, batch, data)
         if vector is not None:
             args.append(vector)
-        return self._run(program, task, args, context)
+        return task.pack_on_host(self._run(program, task, args, context))
 
     @_rpc
     def Spectrum(self, request, context):
