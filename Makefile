@@ -29,8 +29,9 @@ format: $(STAMP)
 proto: $(STAMP)  ## regenerate proto/v1/*_pb2*.py from proto/v1/hessd.proto
 	$(BIN)/python proto/generate.py
 
-bench: $(STAMP)
+bench: $(STAMP)  ## the service against in-process JAX and the raw transport; writes benchmarks/results/
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -62,7 +62,8 @@ def receive(
     for what, tensor in named:
         if tensor.data:
             raise codec.TensorError(f"{what} carries data in the header of a stream")
-    buffers = [bytearray(size) for size in sizes]
+    # np.empty, not bytearray: zero-filling 128 MiB alone cost 66 ms (benchmarks/throughput.py).
+    buffers = [np.empty(size, np.uint8) for size in sizes]
     index, offset = 0, 0
     for message in stream:
         chunk = memoryview(message.data)
