@@ -89,12 +89,21 @@ def little_endian(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
 
 
+# numpy's limits: at most 64 axes, and no extent product past what an index can address.
+MAX_AXES = 32
+MAX_ELEMENTS = 1 << 62
+
+
 def nbytes(tensor: hessd_pb2.Tensor, what: str = "tensor") -> int:
     """How many bytes the tensor's dtype and shape call for; TensorError if invalid."""
     dtype = dtype_from_proto(tensor.dtype)
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise TensorError(f"{what} has a negative dimension in shape {shape}")
+    if len(shape) > MAX_AXES or any(d > MAX_ELEMENTS for d in shape):
+        raise TensorError(
+            f"{what} has shape {shape}: at most {MAX_AXES} axes of at most {MAX_ELEMENTS} each"
+        )
     return math.prod(shape) * dtype.itemsize
 
 
@@ -112,7 +121,10 @@ def decode(tensor: hessd_pb2.Tensor, what: str = "tensor", data=None) -> np.ndar
             f"{what} has {len(data)} bytes of data but shape {shape} of {dtype.name} "
             f"needs {expected}; send prod(shape) * itemsize bytes, row-major little-endian"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as e:  # an empty array whose other extents numpy cannot address
+        raise TensorError(f"{what} with shape {shape} cannot be represented: {e}") from None
 
 
 def coerce(array: object, dtype: np.dtype | str, what: str) -> np.ndarray:

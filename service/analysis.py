@@ -43,6 +43,9 @@ DEFAULT_DENSITY_STEPS = 90
 DEFAULT_PROBES = 4
 DEFAULT_MATVECS = 90
 DEFAULT_GRID = 256
+# Bounds on the work one request may ask for (each HVP costs a few gradients).
+MAX_COUNT = {"k": 1000, "num_steps": 4000, "num_probes": 1000, "num_matvecs": 10_000,
+             "grid_size": 100_000}  # fmt: skip
 # Per-point state an exact or iterative run may hold on the device, which sets how many
 # points run at once (the engine rounds it down to a power of two).
 STATE_BYTES_PER_CHUNK = 1 << 30
@@ -149,7 +152,8 @@ class SpectrumRequest:
             def hvp(v):
                 return jax.jvp(jax.grad(f_flat), (x,), (v,))[1]
 
-            key = jax.random.key(self.seed)
+            # The wire's seed is a uint64; JAX's is an int64: the same 64 bits.
+            key = jax.random.key(self.seed - (1 << 64) if self.seed >= 1 << 63 else self.seed)
             match self.method:
                 case Method.EXACT:
                     result |= self._exact(f_flat, x)
@@ -283,6 +287,8 @@ def make_spectrum_request(
             f"{program.output_shape}. Reduce it to a scalar (e.g. sum(...)) first"
         )
     n = math.prod(variable.shape(program))
+    if n == 0:
+        raise InvalidArgument("the Hessian with respect to an input of no elements is empty")
     given = {
         "eigenvectors": eigenvectors, "k": k, "num_steps": num_steps, "num_probes": num_probes,
         "num_matvecs": num_matvecs, "trace_estimator": estimator, "grid_size": grid_size,
@@ -297,6 +303,10 @@ def make_spectrum_request(
     for name in ("k", "num_steps", "num_probes", "num_matvecs", "grid_size"):
         if given[name] < 0:
             raise InvalidArgument(f"{name} must be positive, got {given[name]}")
+        if given[name] > MAX_COUNT[name]:
+            raise InvalidArgument(
+                f"{name}={given[name]} is over this server's limit of {MAX_COUNT[name]}"
+            )
     for name in ("tol", "gtol", "sigma"):
         value = given[name]
         if value is not None and not (math.isfinite(value) and value >= 0):

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -222,7 +223,10 @@ class Engine:
                 in_shardings=[split if batched else whole for _, _, batched in signature],
                 out_shardings=split,
             )
-        executable = jitted.lower(*avals).compile()
+        with warnings.catch_warnings():
+            # Constant folding may overflow to inf; that is the value, not news (program.py).
+            warnings.simplefilter("ignore", RuntimeWarning)
+            executable = jitted.lower(*avals).compile()
         seconds = time.perf_counter() - start
         with self._lock:
             self.stats.compiles += 1

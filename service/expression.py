@@ -305,6 +305,24 @@ def _check_size(module: ast.Module, lines: list[str], limits: ExpressionLimits) 
         )
 
 
+def _checked_index(index) -> Callable[[Any], Any]:
+    """x[index], refusing integers outside their axis: JAX would clamp them silently
+    (x[5] of a (3,) array is x[2]), which is a wrong answer, not an index."""
+
+    def take(x):
+        x = jnp.asarray(x)  # a literal (pi[0]) is a 0-d array: refused below, not an error
+        items = index if isinstance(index, tuple) else (index,)
+        if len(items) > x.ndim:
+            raise IndexError(f"{len(items)} indices for an array of {x.ndim} axes {x.shape}")
+        for axis, item in enumerate(items):
+            if isinstance(item, int) and not -x.shape[axis] <= item < x.shape[axis]:
+                raise IndexError(f"index {item} is out of bounds for axis {axis} of size "
+                                 f"{x.shape[axis]}")  # fmt: skip
+        return x[index]
+
+    return take
+
+
 def _index_position(source: str, index: int) -> str:
     """'line L, column C' of a character index into ``source``."""
     before = _NEWLINE.split(source[:index])
@@ -378,7 +396,11 @@ class _Compiler:
             env = [jnp.asarray(array) for array in arrays]
             for binding in bindings:
                 env.append(binding(env))
-            return jnp.asarray(output(env))
+            value = output(env)
+            try:
+                return jnp.asarray(value)
+            except OverflowError as err:  # a literal past int64: `100000000000000000000`
+                raise InvalidArgument(f"the expression's value cannot be an array: {err}") from None
 
         return expression_fn
 
@@ -409,6 +431,8 @@ class _Compiler:
         """Refuse a name that would shadow another: inputs, constants, pi, e, functions."""
         if not name.isidentifier() or keyword.iskeyword(name):
             problem = "not a valid identifier"
+        elif name.startswith("_"):
+            problem = "reserved: names may not start with an underscore"
         elif name in FUNCTIONS:
             problem = f"the name of the function {FUNCTIONS[name].signature(name)}"
         elif name in _NAMED_CONSTANTS:
@@ -509,7 +533,7 @@ class _Compiler:
             return self._apply(node, ".T", jnp.transpose, [self._expr(node.value)])
         if isinstance(node, ast.Subscript):
             index = self._index(node.slice)
-            return self._apply(node, "indexing", lambda x: x[index], [self._expr(node.value)])
+            return self._apply(node, "indexing", _checked_index(index), [self._expr(node.value)])
         if isinstance(node, ast.Compare):
             raise self._refuse(
                 node, "comparison", "comparisons are only the first argument of where(cond, x, y)"

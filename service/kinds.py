@@ -285,7 +285,7 @@ def make_request(
         # jacfwd costs one pass per input element, jacrev one per output element.
         n_in = math.prod(variable.shape(program))
         mode = JacobianMode.FORWARD if n_in < math.prod(out) else JacobianMode.REVERSE
-    return Request(
+    request = Request(
         kind=kind,
         wrt=variable,
         mode=mode,
@@ -295,6 +295,13 @@ def make_request(
         output_dtype=output_dtype,
         packed=packed,
     )
+    for name, shape in request.output_shapes(program).items():
+        if len(shape) + 1 > 64:
+            raise InvalidArgument(
+                f"the {kind.value} {name} would have {len(shape) + 1} axes (batch included); "
+                "JAX allows 64: flatten=True gives one axis per variable"
+            )
+    return request
 
 
 def in_layout(result: jax.Array, layout: Layout, n_out: int, lead: int = 0) -> jax.Array:

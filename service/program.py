@@ -7,6 +7,7 @@ import functools
 import hashlib
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -171,7 +172,7 @@ def build_program(
     constants = _check_constants(spec.constants, {s.name for s in inputs})
     fn = compile_expression(spec.expression.source, [s.name for s in inputs], constants, limits)
     avals = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in inputs]
-    out = jax.eval_shape(fn, *avals)
+    out = _trace(fn, avals)
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise InvalidArgument("the expression must produce one array")
     if not np.issubdtype(out.dtype, np.floating):
@@ -188,6 +189,35 @@ def build_program(
     )
 
 
+# Bounds on what one point may hold, so that no spec can ask XLA for an array it cannot
+# even describe (an extent past int64 aborts the process) or JAX for more than 64 axes.
+MAX_INPUT_AXES = 16
+MAX_POINT_ELEMENTS = 1 << 31
+
+
+def _trace(fn, avals) -> jax.ShapeDtypeStruct:
+    """The output of fn at avals, with every intermediate of one point checked against
+    MAX_POINT_ELEMENTS; InvalidArgument for anything that cannot be traced."""
+    with warnings.catch_warnings():
+        # Constant folding may overflow (3.5e38 + x in float32 is inf): that is the value,
+        # not a reason to warn at every compile.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            jaxpr = jax.make_jaxpr(fn)(*avals)
+        except (OverflowError, ValueError, TypeError, IndexError) as e:
+            raise InvalidArgument(f"the expression cannot be evaluated: {e}") from None
+    for eqn in jaxpr.jaxpr.eqns:
+        for var in eqn.outvars:
+            shape = getattr(var.aval, "shape", ())
+            if math.prod(shape) > MAX_POINT_ELEMENTS:
+                raise InvalidArgument(
+                    f"the expression builds an array of shape {tuple(shape)} at one point "
+                    f"({eqn.primitive.name}), over the limit of {MAX_POINT_ELEMENTS} elements"
+                )
+    (out,) = jaxpr.out_avals
+    return jax.ShapeDtypeStruct(out.shape, out.dtype)
+
+
 def check_inputs(specs) -> tuple[InputSignature, ...]:
     if not specs:
         raise InvalidArgument("the spec declares no inputs; add at least one (name, shape)")
@@ -201,6 +231,11 @@ def check_inputs(specs) -> tuple[InputSignature, ...]:
         shape = tuple(spec.shape)
         if any(d < 0 for d in shape):
             raise InvalidArgument(f"input {spec.name!r} has a negative dimension: {shape}")
+        if len(shape) > MAX_INPUT_AXES or math.prod(shape) > MAX_POINT_ELEMENTS:
+            raise InvalidArgument(
+                f"input {spec.name!r} has shape {shape}; one point may have at most "
+                f"{MAX_INPUT_AXES} axes and {MAX_POINT_ELEMENTS} elements"
+            )
         try:
             dtype = codec.dtype_from_proto(spec.dtype)
         except codec.TensorError as e:

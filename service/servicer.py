@@ -219,8 +219,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         batch = next(a for i, a in enumerate(args) if i not in task.shared).shape[0]
         shapes = task.output_shapes(program)
         itemsize = (getattr(task, "output_dtype", None) or program.output_dtype).itemsize
-        nbytes = sum(math.prod((batch, *shape)) * itemsize for shape in shapes.values())
-        if nbytes > self.config.max_output_bytes:
+        per_point = sum(math.prod(shape) for shape in shapes.values()) * itemsize
+        nbytes = batch * per_point
+        if max(nbytes, per_point) > self.config.max_output_bytes:
             described = ", ".join(f"{name} {(batch, *shape)}" for name, shape in shapes.items())
             raise ResourceExhausted(
                 f"the result for {batch} points would be {described} of "

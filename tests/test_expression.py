@@ -343,3 +343,18 @@ def test_bad_input_and_constant_names(inputs, constants, fragment):
 def test_wrong_number_of_input_arrays():
     with pytest.raises(InvalidArgument, match="takes 2 input arrays"):
         compile_expression("x + y", ["x", "y"], {})(V)
+
+
+@pytest.mark.parametrize("source", ["x[3]", "x[-4]", "M[0, 5]", "M[1][3]"])
+def test_out_of_bounds_index_is_refused_not_clamped(source):
+    # JAX clamps x[3] of a (3,) array to x[2]: a wrong answer, so hessd refuses it.
+    fn = compile_expression(source, ["x", "M"], {})
+    with pytest.raises(InvalidArgument, match="out of bounds"):
+        jax.eval_shape(
+            fn, jax.ShapeDtypeStruct((3,), np.float64), jax.ShapeDtypeStruct((3, 3), np.float64)
+        )
+
+
+def test_binding_names_may_not_start_with_an_underscore():
+    with pytest.raises(InvalidArgument, match="may not start with an underscore"):
+        compile_expression("__builtins__ = x\n__builtins__", ["x"], {})
