@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import ipaddress
 import json
@@ -119,7 +120,7 @@ def _is_ipv4(host: str) -> bool:
     return True
 
 
-class _Kinds:
+class _Kinds(abc.ABC):
     """The connection and the derivative kinds as methods, over `compute` (which the sync
     and async clients each define: with AsyncClient every one of these returns an
     awaitable). `_api` is the gRPC module the channel comes from."""
@@ -147,8 +148,9 @@ class _Kinds:
             "metadata": self._metadata,
         }
 
+    @abc.abstractmethod
     def compute(self, f: Function, kind: str, points: Points, **options):
-        raise NotImplementedError  # each client defines it
+        """The call every kind goes through: sync in Client, a coroutine in AsyncClient."""
 
     def value(self, f: Function, points: Points, **options) -> np.ndarray:
         """f at every point: (batch, *output_shape)."""
