@@ -15,6 +15,7 @@ import numpy as np
 from hessd.proto.v1 import hessd_pb2
 
 __all__ = [
+    "LimitExceeded",
     "TensorError",
     "check_points",
     "coerce",
@@ -27,6 +28,10 @@ __all__ = [
 
 class TensorError(ValueError):
     """A tensor that cannot be decoded or used as asked; the message says why."""
+
+
+class LimitExceeded(TensorError):
+    """Tensors that are well formed but larger than the receiver accepts."""
 
 
 _BY_PROTO: dict[int, np.dtype] = {

@@ -44,9 +44,9 @@ def receive(
 ) -> tuple[object, list[memoryview]]:
     """(header, one buffer per tensor of the header, in order) from a stream.
 
-    TensorError for a stream that does not start with `field`, declares more than
-    `max_bytes` in all (checked before allocating), or carries more or fewer bytes than
-    declared.
+    LimitExceeded for a stream that declares more than `max_bytes` in all (checked before
+    allocating); TensorError for one that does not start with `field` or carries more or
+    fewer bytes than declared.
     """
     stream = iter(messages)
     first = next(stream, None)
@@ -56,7 +56,7 @@ def receive(
     named = tensors(header)
     sizes = [codec.nbytes(tensor, what) for what, tensor in named]
     if sum(sizes) > max_bytes:
-        raise codec.TensorError(
+        raise codec.LimitExceeded(
             f"the stream declares {sum(sizes)} bytes of tensors, over the limit of {max_bytes}"
         )
     for what, tensor in named:

@@ -24,19 +24,31 @@ with full reorthogonalisation, and far below any curvature that matters.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from hessd.proto.kinds import Method, PointClass, TraceEstimator, spectrum_shapes
 from hessd.service import spectral
+from hessd.service.engine import EngineRequest
 from hessd.service.errors import InvalidArgument
 from hessd.service.kinds import shared_indices
-from hessd.service.program import Program, Wrt
+from hessd.service.variable import Wrt
 
-__all__ = ["Method", "PointClass", "SpectrumRequest", "TraceEstimator", "make_spectrum_request"]
+if TYPE_CHECKING:
+    from hessd.service.program import Program
+
+__all__ = [
+    "Method",
+    "PointClass",
+    "SpectrumRequest",
+    "TraceEstimator",
+    "make_spectrum_request",
+]
 
 DEFAULT_K = 6
 DEFAULT_DENSITY_STEPS = 90
@@ -51,20 +63,6 @@ MAX_COUNT = {"k": 1000, "num_steps": 4000, "num_probes": 1000, "num_matvecs": 10
 STATE_BYTES_PER_CHUNK = 1 << 30
 
 
-class Method(enum.Enum):
-    """How the Hessian is looked at; see the module docstring."""
-
-    EXACT = "exact"
-    LANCZOS = "lanczos"
-    TRACE = "trace"
-    DENSITY = "density"
-
-
-class TraceEstimator(enum.Enum):
-    HUTCHPP = "hutch++"
-    HUTCHINSON = "hutchinson"
-
-
 # The options each method takes.
 _OPTIONS = {
     Method.EXACT: {"eigenvectors", "tol", "gtol"},
@@ -74,17 +72,8 @@ _OPTIONS = {
 }
 
 
-class PointClass(enum.IntEnum):
-    """The wire's PointClass values."""
-
-    MINIMUM = 1
-    MAXIMUM = 2
-    SADDLE = 3
-    DEGENERATE = 4
-
-
 @dataclasses.dataclass(frozen=True)
-class SpectrumRequest:
+class SpectrumRequest(EngineRequest):
     """A spectrum of the Hessian of a Program at every point; hashable, an engine request."""
 
     method: Method
@@ -102,26 +91,23 @@ class SpectrumRequest:
     gtol: float | None = None
     sigma: float | None = None
 
+    @property
+    def label(self) -> str:
+        return self.method.value
+
     def output_shapes(self, program: Program) -> dict[str, tuple[int, ...]]:
-        n = math.prod(self.wrt.shape(program))
-        shapes: dict[str, tuple[int, ...]] = {"gradient_norm": ()}
-        match self.method:
-            case Method.EXACT | Method.LANCZOS:
-                m = n if self.method is Method.EXACT else 2 * self.k
-                shapes |= {"eigenvalues": (m,), "point_class": (), "stationary": ()}
-                shapes |= {"tol": (), "gtol": ()}
-                if self.eigenvectors:
-                    shapes["eigenvectors"] = (n, m)
-                if self.method is Method.LANCZOS:
-                    shapes["residuals"] = (m,)
-            case Method.TRACE:
-                shapes |= {"trace": (), "trace_std_error": ()}
-            case Method.DENSITY:
-                quadrature = (self.num_probes, self.num_steps)
-                shapes |= {"nodes": quadrature, "weights": quadrature}
-                shapes |= {"grid": (self.grid_size,), "density": (self.grid_size,)}
-                shapes |= {"point_class": (), "stationary": (), "tol": (), "gtol": ()}
-        return shapes
+        return spectrum_shapes(
+            self.method,
+            math.prod(self.wrt.shape(program)),
+            k=self.k,
+            eigenvectors=self.eigenvectors,
+            num_steps=self.num_steps,
+            num_probes=self.num_probes,
+            grid_size=self.grid_size,
+        )
+
+    def result_dtype(self, program: Program) -> np.dtype:
+        return program.output_dtype
 
     def max_chunk(self, program: Program) -> int:
         n = math.prod(self.wrt.shape(program))
@@ -135,12 +121,16 @@ class SpectrumRequest:
                 per_point = (self.num_matvecs + 4) * n
         return max(1, STATE_BYTES_PER_CHUNK // (per_point * itemsize))
 
-    def transform(self, program: Program) -> Callable:
+    def transform(self, program: Program) -> Callable[..., Any]:
+        return program.spectrum_transform(self)
+
+    def at_a_point(self, program: Program, fn: Callable[..., jax.Array]) -> Callable[..., Any]:
+        """g(*inputs): the results at one point of f = fn(*inputs), by name."""
         shape = self.wrt.shape(program)
         n = math.prod(shape)
 
         def g(*inputs):
-            f_x, x = self.wrt.view(program, program.fn, inputs)
+            f_x, x = self.wrt.view(program, fn, inputs)
             x = x.reshape(n)
 
             def f_flat(z):
@@ -177,8 +167,7 @@ class SpectrumRequest:
                     )
             return result
 
-        in_axes = [None if i in self.shared else 0 for i in range(len(program.inputs))]
-        return jax.vmap(g, in_axes=in_axes)
+        return g
 
     def _exact(self, f_flat, x) -> dict:
         hessian = jax.hessian(f_flat)(x)
@@ -235,11 +224,13 @@ class SpectrumRequest:
         )
         point_class = jnp.where(
             lo > tol,
-            PointClass.MINIMUM,
+            PointClass.MINIMUM.wire,
             jnp.where(
                 hi < -tol,
-                PointClass.MAXIMUM,
-                jnp.where((lo < -tol) & (hi > tol), PointClass.SADDLE, PointClass.DEGENERATE),
+                PointClass.MAXIMUM.wire,
+                jnp.where(
+                    (lo < -tol) & (hi > tol), PointClass.SADDLE.wire, PointClass.DEGENERATE.wire
+                ),
             ),
         ).astype(jnp.int32)
         return {
@@ -274,12 +265,7 @@ def make_spectrum_request(
     Every option belongs to some methods; one given to another method is refused rather
     than ignored, so that a request never means something other than it says.
     """
-    if program.fn is None:
-        raise InvalidArgument(
-            "spectrum of a jax_export function is not supported: its artifact neither vmaps "
-            "nor runs forward mode, which the spectral methods need per point. Register the "
-            "function as an expression, or compute hvp/hessian with Compute"
-        )
+    program.check_spectrum()
     variable = program.wrt(wrt, flatten=True)
     if program.output_shape != ():
         raise InvalidArgument(

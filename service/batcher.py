@@ -26,12 +26,15 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hessd.service.engine import Engine, Output, Request
+from hessd.service.engine import Engine, EngineRequest, Output
 from hessd.service.errors import Cancelled, ResourceExhausted
-from hessd.service.program import Program
+
+if TYPE_CHECKING:
+    from hessd.service.program import Program
 
 __all__ = ["Batcher", "BatcherStats"]
 
@@ -87,6 +90,8 @@ class Batcher:
     max_queue: most points admitted and not yet answered (waiting for a batch or computing),
         over all keys; a request that would pass it is refused at once with
         ResourceExhausted. At least max_size, so that any batchable request fits when idle.
+    observe_queue: called with each batched caller's wait in seconds as its batch starts
+        (the server's queue-time histogram).
 
     Callers whose `is_active()` is false when their batch is built are not computed; they
     get Cancelled (gRPC has already told their client CANCELLED or DEADLINE_EXCEEDED).
@@ -99,6 +104,7 @@ class Batcher:
         max_size: int = 64,
         max_delay_s: float = 0.0005,
         max_queue: int = 4096,
+        observe_queue: Callable[[float], None] | None = None,
     ):
         if max_size < 1:
             raise ValueError(f"max_size must be at least 1, got {max_size}")
@@ -115,7 +121,7 @@ class Batcher:
         self._open: dict[tuple, _Batch] = {}  # by key: the batch still taking callers
         self._computing: dict[tuple, int] = {}  # by key: its batches inside engine.run
         # Called with each batched caller's wait, in seconds, as its batch starts (metrics).
-        self.observe_queue: Callable[[float], None] | None = None
+        self.observe_queue = observe_queue
         self._queued = 0
 
     @property
@@ -126,7 +132,7 @@ class Batcher:
     def run(
         self,
         program: Program,
-        request: Request,
+        request: EngineRequest,
         args: Sequence[np.ndarray],
         *,
         is_active: Callable[[], bool] = lambda: True,
@@ -192,7 +198,7 @@ class Batcher:
             self.stats.points += points
         return self.engine.run(program, request, args)
 
-    def _lead(self, key: tuple, program: Program, request: Request, batch: _Batch) -> None:
+    def _lead(self, key: tuple, program: Program, request: EngineRequest, batch: _Batch) -> None:
         """Wait for company, then compute the batch and answer every caller in it."""
         batch.go.wait(self.max_delay_s)
         with self._lock:
@@ -239,7 +245,7 @@ class Batcher:
             for caller in batch.callers:
                 caller.done.set()
 
-    def _compute(self, program: Program, request: Request, callers: list[_Caller]) -> None:
+    def _compute(self, program: Program, request: EngineRequest, callers: list[_Caller]) -> None:
         """One engine call for `callers`; each gets its rows, or the call's exception."""
         if len(callers) == 1:
             args = callers[0].args
@@ -264,12 +270,12 @@ class Batcher:
             start = rows.stop
 
 
-def _points(request: Request, args: Sequence[np.ndarray]) -> int:
+def _points(request: EngineRequest, args: Sequence[np.ndarray]) -> int:
     """The batch size: the leading axis of the first per-point arg (as engine.run)."""
     return next(a for i, a in enumerate(args) if i not in request.shared).shape[0]
 
 
-def _key(program: Program, request: Request, args: Sequence[np.ndarray]) -> tuple:
+def _key(program: Program, request: EngineRequest, args: Sequence[np.ndarray]) -> tuple:
     """What must be equal for two requests to share a call: the engine's cache key without
     the bucket, plus a digest of every shared input, so different parameters never mix."""
     signature = []

@@ -11,6 +11,7 @@ in a bounded LRU. Batches above the largest bucket run in chunks of that size.
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import logging
@@ -18,7 +19,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -26,31 +27,54 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hessd.service.errors import ResourceExhausted
-from hessd.service.program import Program
 
-__all__ = ["Engine", "EngineStats", "Request", "bucket_for"]
+if TYPE_CHECKING:
+    from hessd.service.program import Program
+
+__all__ = ["Engine", "EngineRequest", "EngineStats", "Output", "bucket_for"]
 
 logger = logging.getLogger(__name__)
 
 Output = np.ndarray | dict[str, np.ndarray]
 
 
-class Request(Protocol):
-    """What the engine needs of a request (kinds.Request, analysis.SpectrumRequest): it must
-    be hashable (it is part of the cache key) and say how to build its transform."""
+class EngineRequest(abc.ABC):
+    """What the engine runs of a Program (kinds.Request, analysis.SpectrumRequest).
 
-    def transform(self, program: Program) -> Callable:
+    Implementations are frozen dataclasses: hashable, since a request is part of the
+    executable cache key. `shared` holds the indices of the args that have no batch axis.
+    """
+
+    shared: tuple[int, ...]
+
+    @property
+    @abc.abstractmethod
+    def label(self) -> str:
+        """The kind or method, for logs and metrics ("gradient", "lanczos")."""
+
+    @abc.abstractmethod
+    def transform(self, program: Program) -> Callable[..., Any]:
         """The function of the batched args, returning an array or a dict of arrays."""
 
+    @abc.abstractmethod
     def output_shapes(self, program: Program) -> dict[str, tuple[int, ...]]:
         """Each result's shape at one point, by name ("output" when there is one)."""
 
+    @abc.abstractmethod
+    def result_dtype(self, program: Program) -> np.dtype:
+        """The dtype the results travel in."""
+
+    def vector_signature(self, program: Program) -> list[tuple[tuple[int, ...], np.dtype]]:
+        """(shape of one point, dtype) of each arg after the program's inputs."""
+        return []
+
     def max_chunk(self, program: Program) -> int | None:
         """How many points may run at once, if fewer than the engine's largest bucket."""
+        return None
 
-    @property
-    def shared(self) -> tuple[int, ...]:
-        """Indices of the args that have no batch axis (shared inputs)."""
+    def on_host(self, result: Output) -> Output:
+        """The result as it is answered, from what the device returned (packing on the CPU)."""
+        return result
 
 
 def bucket_for(batch: int, max_bucket: int) -> int:
@@ -81,8 +105,10 @@ class Engine:
     ):
         if max_bucket < 1 or max_bucket & (max_bucket - 1):
             raise ValueError(f"max_bucket must be a power of two, got {max_bucket}")
-        # The server computes in whatever dtype a spec declares, float64 included.
-        jax.config.update("jax_enable_x64", True)
+        if not jax.config.read("jax_enable_x64"):
+            # Without it float64 specs would silently compute in float32; the server turns it
+            # on once at start (server.enable_x64), before any array exists.
+            raise RuntimeError("the engine needs jax_enable_x64: call server.enable_x64() first")
         self.devices = list(devices or jax.local_devices())
         n = len(self.devices)
         if n & (n - 1):
@@ -96,7 +122,7 @@ class Engine:
         # One lock per key being compiled, so concurrent first calls compile once.
         self._compiling: dict[tuple, threading.Lock] = {}
 
-    def run(self, program: Program, request: Request, args: Sequence[np.ndarray]) -> Output:
+    def run(self, program: Program, request: EngineRequest, args: Sequence[np.ndarray]) -> Output:
         """Compute `request` at every point.
 
         args are the arrays the request's transform takes: the program's inputs in order,
@@ -107,7 +133,7 @@ class Engine:
         batched = [i not in request.shared for i in range(len(args))]
         batch = next(a for a, b in zip(args, batched, strict=True) if b).shape[0]
         if batch == 0:
-            return self._empty(program, request, args)
+            return request.on_host(self._empty(program, request, args))
         size = self.max_bucket
         limit = request.max_chunk(program)
         if limit is not None:
@@ -136,8 +162,8 @@ class Engine:
                 continue
             start += size
         if len(chunks) == 1:
-            return chunks[0]
-        return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
+            return request.on_host(chunks[0])
+        return request.on_host(jax.tree.map(lambda *parts: np.concatenate(parts), *chunks))
 
     def _run_chunk(self, program, request, args, batched, max_bucket) -> Output:
         batch = next(a for a, b in zip(args, batched, strict=True) if b).shape[0]
@@ -156,15 +182,16 @@ class Engine:
         executable = self.executable(program, request, signature, bucket)
         return jax.tree.map(lambda out: np.asarray(out)[:batch], executable(*args))
 
-    def warmup(self, program: Program, request: Request, batch: int, vector_dtype) -> None:
+    def warmup(self, program: Program, request: EngineRequest, batch: int) -> None:
         """Compile the executable a call of `batch` points would use (no shared inputs)."""
         bucket = max(bucket_for(min(batch, self.max_bucket), self.max_bucket), len(self.devices))
         signature = [(s.shape, s.dtype, True) for s in program.inputs]
-        if getattr(request, "takes_vector", False):
-            signature.append((request.vector_shape(program), np.dtype(vector_dtype), True))
+        signature += [(shape, dtype, True) for shape, dtype in request.vector_signature(program)]
         self.executable(program, request, signature, bucket)
 
-    def _empty(self, program: Program, request: Request, args: Sequence[np.ndarray]) -> Output:
+    def _empty(
+        self, program: Program, request: EngineRequest, args: Sequence[np.ndarray]
+    ) -> Output:
         """The result for zero points, shaped and typed by tracing alone (no compile)."""
         avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
         structure = jax.eval_shape(request.transform(program), *avals)
@@ -173,7 +200,7 @@ class Engine:
     def executable(
         self,
         program: Program,
-        request: Request,
+        request: EngineRequest,
         signature: Sequence[tuple[tuple[int, ...], np.dtype, bool]],
         bucket: int,
     ) -> jax.stages.Compiled:
@@ -232,6 +259,7 @@ class Engine:
             self.stats.compiles += 1
             self.stats.compile_seconds += seconds
         logger.info(
-            "compiled %s %s bucket=%d in %.3f s", program.function_id[:12], request, bucket, seconds
-        )
+            "compiled %s %s bucket=%d in %.3f s",
+            program.function_id[:12], request.label, bucket, seconds,
+        )  # fmt: skip
         return executable

@@ -15,9 +15,11 @@ nothing to or from the host, and kept every safety check.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +30,16 @@ from jax import lax
 from jax._src.interpreters import mlir as jax_mlir
 from jax._src.lib.mlir import ir
 
+from hessd.proto.kinds import JacobianMode, Kind
 from hessd.proto.v1 import hessd_pb2
 from hessd.service.errors import InvalidArgument, PermissionDenied
 from hessd.service.program import Program, check_inputs, function_id
 
-__all__ = ["ALLOWED_CUSTOM_CALLS", "batched_transform", "build_program", "check_module"]
+if TYPE_CHECKING:
+    from hessd.service.analysis import SpectrumRequest
+    from hessd.service.kinds import Request
+
+__all__ = ["ALLOWED_CUSTOM_CALLS", "ExportProgram", "build_program", "check_module"]
 
 # The LAPACK and cuSOLVER targets jnp.linalg lowers to, and jax.export's shape checks.
 ALLOWED_CUSTOM_CALLS = frozenset(
@@ -56,7 +63,43 @@ FORBIDDEN_OPS = frozenset(
 _VJP_ORDER = 2
 
 
-def build_program(spec: hessd_pb2.FunctionSpec, allow: bool) -> Program:
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExportProgram(Program):
+    """A program from a jax.export artifact: `batched_fn(*inputs)` is f at a batch of points
+    (each input with a leading batch axis, shared ones broadcast). It has reverse mode only
+    and does not vmap, so every kind is built on the whole batch."""
+
+    batched_fn: Callable[..., jax.Array] = dataclasses.field(kw_only=True)
+
+    def jacobian_mode(self, kind: Kind, mode: JacobianMode, n_in: int, n_out: int) -> JacobianMode:
+        if kind.forward_only:
+            raise InvalidArgument(
+                f"{kind.value} needs forward mode, which a jax_export function does not support "
+                "(a deserialized artifact has reverse mode only). Use vjp, or register the "
+                "function as an expression"
+            )
+        if mode is JacobianMode.FORWARD:
+            raise InvalidArgument(
+                "jacobian mode forward needs forward mode, which a jax_export function does not "
+                "support; use mode='reverse' (or 'auto')"
+            )
+        return JacobianMode.REVERSE
+
+    def kind_transform(self, request: Request) -> Callable[..., Any]:
+        return _batched_transform(request, self)
+
+    def check_spectrum(self) -> NoReturn:
+        raise InvalidArgument(
+            "spectrum of a jax_export function is not supported: its artifact neither vmaps "
+            "nor runs forward mode, which the spectral methods need per point. Register the "
+            "function as an expression, or compute hvp/hessian with Compute"
+        )
+
+    def spectrum_transform(self, request: SpectrumRequest) -> NoReturn:
+        self.check_spectrum()
+
+
+def build_program(spec: hessd_pb2.FunctionSpec, allow: bool) -> ExportProgram:
     """The Program of a jax_export spec.
 
     PermissionDenied unless `allow`; InvalidArgument for an artifact that is malformed,
@@ -90,7 +133,7 @@ def build_program(spec: hessd_pb2.FunctionSpec, allow: bool) -> Program:
         check_module(module, what)
     _check_signature(artifact, inputs)
     out = artifact.out_avals[0]
-    return Program(
+    return ExportProgram(
         function_id=function_id(spec),
         inputs=inputs,
         output_shape=tuple(int(d) for d in out.shape[1:]),
@@ -195,26 +238,10 @@ def _check_signature(artifact, inputs) -> None:
         )
 
 
-def check_reverse_only(kind: str, mode: str, reverse):
-    """The Jacobian mode to use for a JAX-export program; InvalidArgument for forward kinds."""
-    if kind in ("jvp", "taylor"):
-        raise InvalidArgument(
-            f"{kind} needs forward mode, which a jax_export function does not support (a "
-            "deserialized artifact has reverse mode only). Use vjp, or register the function "
-            "as an expression"
-        )
-    if mode == "forward":
-        raise InvalidArgument(
-            "jacobian mode forward needs forward mode, which a jax_export function does not "
-            "support; use mode='reverse' (or 'auto')"
-        )
-    return reverse
-
-
-def batched_transform(request, program) -> Callable:
+def _batched_transform(request: Request, program: ExportProgram) -> Callable[..., Any]:
     """g(*inputs[, vector]) over a batch for a JAX-export program, reverse mode only."""
     n_inputs = len(program.inputs)
-    kind = request.kind.value
+    kind = request.kind
 
     def g(*args):
         batched = next(a for i, a in enumerate(args[:n_inputs]) if i not in request.shared)
@@ -225,27 +252,29 @@ def batched_transform(request, program) -> Callable:
             jnp.broadcast_to(a, (b, *a.shape)) if i in request.shared else a
             for i, a in enumerate(args[:n_inputs])
         ]
-        if kind == "value":
+        if kind is Kind.VALUE:
             return program.batched_fn(*inputs)
         f_x, x = request.wrt.view(program, program.batched_fn, inputs)
         vector = args[n_inputs] if request.takes_vector else None
         match kind:
-            case "gradient":
+            case Kind.GRADIENT:
                 result = _gradient(f_x, x)
-            case "vjp":
+            case Kind.VJP:
                 result = jax.vjp(f_x, x)[1](vector)[0]
-            case "hvp":
+            case Kind.HVP:
                 result = _hvp(f_x, x, vector)
-            case "jacobian":
+            case Kind.JACOBIAN:
                 result = _jacobian(f_x, x, program.output_shape)
-            case "hessian":
+            case Kind.HESSIAN:
                 result = _hessian(f_x, x, program.output_shape)
-            case "taylor2":
+            case Kind.TAYLOR2:
                 return {
                     "value": f_x(x),
                     "gradient": _gradient(f_x, x),
                     "hessian": _hessian(f_x, x, ()),
                 }
+            case Kind.JVP | Kind.TAYLOR:
+                raise AssertionError(f"{kind} needs forward mode; jacobian_mode refuses it")
         return request.finish(program, result, lead=1)
 
     return g

@@ -1,18 +1,6 @@
-"""Derivative kinds: for each kind, the JAX transform of a Program at a batch of points.
-
-For f with variable x of shape `in` (the `wrt` input, or the flat concatenation of several)
-and output of shape `out`, per point:
-
-    kind       needs               result, numerator layout
-    value      -                   out
-    gradient   out == ()           in
-    jacobian   -                   out + in        (denominator: in + out)
-    hessian    -                   out + in + in   (denominator: in + in + out)
-    hvp        out == (), v: in    in
-    jvp        t: in               out
-    vjp        u: out              in
-    taylor2    out == ()           value (), gradient in, hessian in + in
-    taylor     d: in, order k      (k,) + out: d^j/dt^j f(x + t d) at t = 0, j = 1..k
+"""Derivative kinds on the server: requests checked against a Program, and the per-point
+JAX transform of each kind. The contract itself (which kinds take a vector, the result
+shapes under each layout, the wire's enums) is hessd.proto.kinds, shared with the client.
 
 Expression programs are transformed at one point and vmapped (shared inputs with in_axes
 None); JAX-export programs only run batched and in reverse mode (exported.py).
@@ -21,18 +9,22 @@ None); JAX-export programs only run batched and in reverse mode (exported.py).
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from hessd.service import exported
+from hessd.proto.kinds import MAX_TAYLOR_ORDER, JacobianMode, Kind, Layout, result_shapes
+from hessd.service.engine import EngineRequest, Output
 from hessd.service.errors import InvalidArgument
-from hessd.service.program import Program, Wrt
+from hessd.service.variable import Wrt
+
+if TYPE_CHECKING:
+    from hessd.service.program import Program
 
 __all__ = [
     "MAX_TAYLOR_ORDER",
@@ -42,44 +34,15 @@ __all__ = [
     "Request",
     "in_layout",
     "make_request",
+    "per_point_transform",
     "shared_indices",
 ]
 
-MAX_TAYLOR_ORDER = 8
-
-
-class Kind(enum.Enum):
-    VALUE = "value"
-    GRADIENT = "gradient"
-    JACOBIAN = "jacobian"
-    HESSIAN = "hessian"
-    HVP = "hvp"
-    JVP = "jvp"
-    VJP = "vjp"
-    TAYLOR2 = "taylor2"
-    TAYLOR = "taylor"
-
-
-class JacobianMode(enum.Enum):
-    AUTO = "auto"
-    FORWARD = "forward"
-    REVERSE = "reverse"
-
-
-class Layout(enum.Enum):
-    NUMERATOR = "numerator"
-    DENOMINATOR = "denominator"
-
-
-_NEEDS_SCALAR = (Kind.GRADIENT, Kind.HVP, Kind.TAYLOR2)
-_TAKES_VECTOR = (Kind.HVP, Kind.JVP, Kind.VJP, Kind.TAYLOR)
-_HAS_LAYOUT = (Kind.GRADIENT, Kind.JACOBIAN, Kind.HESSIAN)
 _OUTPUT_DTYPES = tuple(np.dtype(d) for d in ("float16", ml_dtypes.bfloat16, "float32", "float64"))
-_SPLITS = (Kind.VALUE, Kind.GRADIENT, Kind.JACOBIAN, Kind.HESSIAN, Kind.VJP)
 
 
 @dataclasses.dataclass(frozen=True)
-class Request:
+class Request(EngineRequest):
     """What to compute of a Program; hashable, part of the engine's cache key.
 
     `mode` is resolved (never AUTO) so that auto and its choice share one executable.
@@ -96,64 +59,51 @@ class Request:
     packed: bool = False
 
     @property
+    def label(self) -> str:
+        return self.kind.value
+
+    @property
     def takes_vector(self) -> bool:
-        return self.kind in _TAKES_VECTOR
+        return self.kind.takes_vector
 
     def vector_shape(self, program: Program) -> tuple[int, ...]:
         """Shape of the per-point vector an hvp/jvp/taylor (in) or vjp (out) takes."""
-        if self.kind is Kind.VJP:
+        if self.kind.vector_is_output_shaped:
             return program.output_shape
         return self.wrt.shape(program)
 
+    def vector_dtype(self, program: Program) -> np.dtype:
+        """The dtype of the per-point vector: the output's for vjp, else the variable's."""
+        if self.kind.vector_is_output_shaped:
+            return program.output_dtype
+        return np.result_type(*(program.inputs[i].dtype for i in self.wrt.indices))
+
+    def vector_signature(self, program: Program) -> list[tuple[tuple[int, ...], np.dtype]]:
+        if not self.takes_vector:
+            return []
+        return [(self.vector_shape(program), self.vector_dtype(program))]
+
+    def result_dtype(self, program: Program) -> np.dtype:
+        return self.output_dtype or program.output_dtype
+
     def output_shapes(self, program: Program) -> dict[str, tuple[int, ...]]:
         """Shape of each result at one point, by name; one-result kinds name it "output"."""
-        out = program.output_shape
-        denominator = self.layout is Layout.DENOMINATOR
+        variable: tuple[int, ...] | dict[str, tuple[int, ...]] = self.wrt.shape(program)
         if self.wrt.split and self.kind is not Kind.VALUE:
-            xs = {program.inputs[i].name: program.inputs[i].shape for i in self.wrt.indices}
-            match self.kind:
-                case Kind.GRADIENT | Kind.VJP:
-                    return xs
-                case Kind.JACOBIAN:
-                    return {n: x + out if denominator else out + x for n, x in xs.items()}
-                case Kind.HESSIAN:
-                    return {
-                        f"{a},{b}": xa + xb + out if denominator else out + xa + xb
-                        for a, xa in xs.items()
-                        for b, xb in xs.items()
-                    }
-        x = self.wrt.shape(program)
-        match self.kind:
-            case Kind.VALUE | Kind.JVP:
-                shape = out
-            case Kind.GRADIENT | Kind.HVP | Kind.VJP:
-                shape = x
-            case Kind.JACOBIAN:
-                shape = x + out if denominator else out + x
-            case Kind.HESSIAN if self.packed:
-                n = math.prod(x)
-                shape = (n * (n + 1) // 2,)
-            case Kind.HESSIAN:
-                shape = x + x + out if denominator else out + x + x
-            case Kind.TAYLOR:
-                shape = (self.order, *out)
-            case Kind.TAYLOR2:
-                return {"value": (), "gradient": x, "hessian": x + x}
-        return {"output": shape}
+            variable = {program.inputs[i].name: program.inputs[i].shape for i in self.wrt.indices}
+        return result_shapes(
+            self.kind,
+            variable,
+            program.output_shape,
+            layout=self.layout,
+            packed=self.packed,
+            order=self.order,
+        )
 
-    def max_chunk(self, program: Program) -> int | None:
-        """No limit beyond the engine's: these kinds hold nothing per point beyond output."""
-        return None
-
-    def transform(self, program: Program) -> Callable:
+    def transform(self, program: Program) -> Callable[..., Any]:
         """g(*inputs[, vector]) at a batch of points: batched inputs and vector have a
         leading batch axis, shared inputs none. Returns an array or a dict of arrays."""
-        if program.fn is None:
-            g = exported.batched_transform(self, program)
-        else:
-            per_point = _TRANSFORMS[self.kind](self, program)
-            in_axes = [None if i in self.shared else 0 for i in range(len(program.inputs))]
-            g = jax.vmap(per_point, in_axes=(*in_axes, *[0] * self.takes_vector))
+        g = program.kind_transform(self)
         if not self.packs_on_device and self.output_dtype is None:
             return g
 
@@ -167,13 +117,14 @@ class Request:
     def packs_on_device(self) -> bool:
         """Whether the transform packs. On the CPU there is no transfer to save and XLA's
         gather of the triangle is ~5x slower than numpy's row copies (n=256, batch 512:
-        50 ms against 10), so the engine's caller packs there instead (pack_on_host)."""
+        50 ms against 10), so the engine packs on the host there instead (on_host)."""
         return self.packed and jax.default_backend() != "cpu"
 
-    def pack_on_host(self, result: np.ndarray) -> np.ndarray:
+    def on_host(self, result: Output) -> Output:
         """The upper triangles of (batch, *x, *x) Hessians, row-major: (batch, n(n+1)/2)."""
         if not self.packed or self.packs_on_device:
             return result
+        assert isinstance(result, np.ndarray)  # packed: one scalar function, one result
         b = result.shape[0]
         n = math.isqrt(math.prod(result.shape[1:]))
         full = result.reshape(b, n, n)
@@ -194,7 +145,7 @@ class Request:
             result = result.astype(self.output_dtype)
         return result
 
-    def finish(self, program: Program, result, lead: int):
+    def finish(self, program: Program, result: Any, lead: int) -> Any:
         """Layout and per-input split of a raw numerator-layout result on the flat or
         single variable; `lead` leading axes (the batch) are left in front."""
         n_out = len(program.output_shape)
@@ -243,7 +194,7 @@ def make_request(
     """
     variable = program.wrt(wrt, flatten)
     out = program.output_shape
-    if kind in _NEEDS_SCALAR and out != ():
+    if kind.needs_scalar and out != ():
         alternative = {
             Kind.GRADIENT: "jacobian",
             Kind.HVP: "jvp of the gradient or jacobian",
@@ -256,7 +207,7 @@ def make_request(
         )
     if mode is not JacobianMode.AUTO and kind is not Kind.JACOBIAN:
         raise InvalidArgument(f"jacobian_mode applies only to kind jacobian, not {kind.value}")
-    if layout is Layout.DENOMINATOR and kind not in _HAS_LAYOUT:
+    if layout is Layout.DENOMINATOR and not kind.has_layout:
         raise InvalidArgument(
             f"layout applies only to gradient, jacobian and hessian, not {kind.value}"
         )
@@ -264,7 +215,7 @@ def make_request(
         raise InvalidArgument(f"taylor needs order between 1 and {MAX_TAYLOR_ORDER}, got {order}")
     if kind is not Kind.TAYLOR and order:
         raise InvalidArgument(f"order applies only to kind taylor, not {kind.value}")
-    if variable.split and kind not in _SPLITS:
+    if variable.split and not kind.splits:
         raise InvalidArgument(
             f"{kind.value} with several wrt inputs takes one vector per point over all of "
             "them: set flatten=True and send vectors over the concatenated raveled inputs"
@@ -279,12 +230,7 @@ def make_request(
             f"output_dtype {output_dtype.name} is not a floating dtype; use one of "
             + ", ".join(d.name for d in _OUTPUT_DTYPES)
         )
-    if program.fn is None:
-        mode = exported.check_reverse_only(kind.value, mode.value, JacobianMode.REVERSE)
-    if mode is JacobianMode.AUTO:
-        # jacfwd costs one pass per input element, jacrev one per output element.
-        n_in = math.prod(variable.shape(program))
-        mode = JacobianMode.FORWARD if n_in < math.prod(out) else JacobianMode.REVERSE
+    mode = program.jacobian_mode(kind, mode, math.prod(variable.shape(program)), math.prod(out))
     request = Request(
         kind=kind,
         wrt=variable,
@@ -313,19 +259,21 @@ def in_layout(result: jax.Array, layout: Layout, n_out: int, lead: int = 0) -> j
     return jnp.moveaxis(result, source, tuple(range(-n_out, 0)))
 
 
-def _per_point(compute: Callable) -> Callable:
-    """A kind's transform at one point: compute(request, f_x, x[, vector]), then finish."""
+def per_point_transform(
+    request: Request, program: Program, fn: Callable[..., jax.Array]
+) -> Callable[..., Any]:
+    """g(*inputs[, vector]): the request's kind at one point of f = fn(*inputs)."""
+    if request.kind is Kind.VALUE:
+        return fn
+    compute = _AT_A_POINT[request.kind]
 
-    def make(request: Request, program: Program) -> Callable:
-        def g(*args):
-            inputs = args[: len(program.inputs)]
-            f_x, x = request.wrt.view(program, program.fn, inputs)
-            result = compute(request, f_x, x, *args[len(program.inputs) :])
-            return request.finish(program, result, lead=0)
+    def g(*args):
+        inputs = args[: len(program.inputs)]
+        f_x, x = request.wrt.view(program, fn, inputs)
+        result = compute(request, f_x, x, *args[len(program.inputs) :])
+        return request.finish(program, result, lead=0)
 
-        return g
-
-    return make
+    return g
 
 
 def _jacobian(request, f_x, x):
@@ -371,15 +319,15 @@ def _taylor(request, f_x, x, d):
     return stack(jnp.zeros((), x.dtype))[1:]
 
 
-_TRANSFORMS = {
-    Kind.VALUE: lambda request, program: program.fn,
-    Kind.GRADIENT: _per_point(lambda request, f_x, x: jax.grad(f_x)(x)),
-    Kind.JACOBIAN: _per_point(_jacobian),
-    Kind.HESSIAN: _per_point(lambda request, f_x, x: jax.hessian(f_x)(x)),
+# compute(request, f_x, x[, vector]) at one point, f_x being f of the variable alone.
+_AT_A_POINT: dict[Kind, Callable[..., Any]] = {
+    Kind.GRADIENT: lambda request, f_x, x: jax.grad(f_x)(x),
+    Kind.JACOBIAN: _jacobian,
+    Kind.HESSIAN: lambda request, f_x, x: jax.hessian(f_x)(x),
     # Forward-over-reverse: one JVP of the gradient, H never materialised.
-    Kind.HVP: _per_point(lambda request, f_x, x, v: jax.jvp(jax.grad(f_x), (x,), (v,))[1]),
-    Kind.JVP: _per_point(lambda request, f_x, x, t: jax.jvp(f_x, (x,), (t,))[1]),
-    Kind.VJP: _per_point(lambda request, f_x, x, u: jax.vjp(f_x, x)[1](u)[0]),
-    Kind.TAYLOR2: _per_point(_taylor2),
-    Kind.TAYLOR: _per_point(_taylor),
+    Kind.HVP: lambda request, f_x, x, v: jax.jvp(jax.grad(f_x), (x,), (v,))[1],
+    Kind.JVP: lambda request, f_x, x, t: jax.jvp(f_x, (x,), (t,))[1],
+    Kind.VJP: lambda request, f_x, x, u: jax.vjp(f_x, x)[1](u)[0],
+    Kind.TAYLOR2: _taylor2,
+    Kind.TAYLOR: _taylor,
 }

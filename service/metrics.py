@@ -3,9 +3,19 @@ process in tests), served over HTTP by prometheus_client on --metrics-port."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import jax
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from hessd.service.batcher import Batcher
+    from hessd.service.engine import Engine
+    from hessd.service.registry import Registry
 
 __all__ = ["Metrics"]
 
@@ -15,10 +25,11 @@ _POINT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 
 class Metrics:
     """Requests by method, kind and status; latency, queue and compute time; batch sizes;
-    and, read at scrape time, the engine's compile and cache counters, the number of
-    registered functions and device memory in use."""
+    and, read at scrape time (once `watch` has named them), the engine's compile and cache
+    counters, the batcher's counters, the number of registered functions and device memory
+    in use."""
 
-    def __init__(self, engine, registry_of_functions, batcher=None):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "hessd_requests", "Calls answered", ["method", "kind", "status"], registry=self.registry
@@ -35,13 +46,14 @@ class Metrics:
             "hessd_queue_seconds", "Time a call waited to be batched with others",
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
-        if batcher is not None:
-            batcher.observe_queue = self.queue.observe
         self.batch_points = Histogram(
             "hessd_batch_points", "Points per request", buckets=_POINT_BUCKETS,
             registry=self.registry,
         )  # fmt: skip
-        self.registry.register(_StateCollector(engine, registry_of_functions, batcher))
+
+    def watch(self, engine: Engine, functions: Registry, batcher: Batcher) -> None:
+        """Report the state of these parts at every scrape."""
+        self.registry.register(_StateCollector(engine, functions, batcher))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve /metrics over HTTP; returns the bound port (0 picks one)."""
@@ -52,10 +64,10 @@ class Metrics:
 class _StateCollector:
     """Counters that live in the engine and registry, read when Prometheus scrapes."""
 
-    def __init__(self, engine, functions, batcher):
+    def __init__(self, engine: Engine, functions: Registry, batcher: Batcher):
         self.engine, self.functions, self.batcher = engine, functions, batcher
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         stats = self.engine.stats
         yield CounterMetricFamily("hessd_compiles", "XLA compilations", value=stats.compiles)
         yield CounterMetricFamily(
@@ -78,14 +90,13 @@ class _StateCollector:
             if in_use is not None:
                 memory.add_metric([str(device.id)], in_use)
         yield memory
-        if self.batcher is not None:
-            batches = CounterMetricFamily(
-                "hessd_batcher", "Dynamic batching of concurrent calls", labels=["event"]
-            )
-            for event in ("requests", "batches", "coalesced", "dropped", "rejected"):
-                batches.add_metric([event], getattr(self.batcher.stats, event))
-            yield batches
-            yield GaugeMetricFamily(
-                "hessd_batcher_queued_points", "Points waiting or computing in batches",
-                value=self.batcher.queued,
-            )  # fmt: skip
+        batches = CounterMetricFamily(
+            "hessd_batcher", "Dynamic batching of concurrent calls", labels=["event"]
+        )
+        for event in ("requests", "batches", "coalesced", "dropped", "rejected"):
+            batches.add_metric([event], getattr(self.batcher.stats, event))
+        yield batches
+        yield GaugeMetricFamily(
+            "hessd_batcher_queued_points", "Points waiting or computing in batches",
+            value=self.batcher.queued,
+        )  # fmt: skip

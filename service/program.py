@@ -1,26 +1,38 @@
-"""Function specs → Programs: validated, content-addressed, traced once for their shape."""
+"""Programs: the one interface both kinds of function spec implement, the expression
+implementation, and the checks every spec shares (inputs, content-addressed ids)."""
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-import functools
 import hashlib
-import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from hessd.proto import codec
+from hessd.proto.kinds import JacobianMode, Kind
 from hessd.proto.v1 import hessd_pb2
+from hessd.service import kinds
 from hessd.service.errors import InvalidArgument
 from hessd.service.expression import ExpressionLimits, compile_expression
+from hessd.service.variable import Wrt
 
-__all__ = ["InputSignature", "Program", "Wrt", "build_program", "check_inputs", "function_id"]
+if TYPE_CHECKING:
+    from hessd.service.analysis import SpectrumRequest
+
+__all__ = [
+    "ExpressionProgram",
+    "InputSignature",
+    "Program",
+    "build_program",
+    "check_inputs",
+    "function_id",
+]
 
 # The dtypes an input may be declared with: the ones JAX differentiates.
 _INPUT_DTYPES = (np.dtype("float32"), np.dtype("float64"))
@@ -36,26 +48,24 @@ class InputSignature:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Program:
-    """A registered function, ready for the derivative kinds.
+class Program(abc.ABC):
+    """A registered function, ready for the derivative kinds and the spectral methods.
 
-    An expression program has `fn(*inputs)`, f at one point: input i has shape
-    `inputs[i].shape`, the result `output_shape` and `output_dtype`; every JAX transform
-    applies. A JAX-export program has only `batched_fn(*inputs)`, f at a batch of points
-    (each input with a leading batch axis, shared ones broadcast), which supports reverse
-    mode alone and does not vmap.
+    Input i has shape `inputs[i].shape` at one point, and f's value there has shape
+    `output_shape` and dtype `output_dtype`. Each implementation says which kinds it can
+    compute and builds their JAX transforms: ExpressionProgram (here) has f at one point
+    and every JAX transform; ExportProgram (exported.py) has f only at a batch of points,
+    in reverse mode.
     """
 
     function_id: str
     inputs: tuple[InputSignature, ...]
     output_shape: tuple[int, ...]
     output_dtype: np.dtype
-    fn: Callable[..., jax.Array] | None = None
-    batched_fn: Callable[..., jax.Array] | None = None
 
     def indices(self, names: Sequence[str], what: str) -> tuple[int, ...]:
         """Positions of the inputs called `names`; InvalidArgument for unknown or repeated."""
-        indices = []
+        indices: list[int] = []
         for name in names:
             matches = [i for i, s in enumerate(self.inputs) if s.name == name]
             if not matches:
@@ -72,79 +82,53 @@ class Program:
         """The inputs called `names` (the first input if none) as a Wrt."""
         return Wrt(self.indices(names or [self.inputs[0].name], "wrt"), flatten)
 
+    @abc.abstractmethod
+    def jacobian_mode(self, kind: Kind, mode: JacobianMode, n_in: int, n_out: int) -> JacobianMode:
+        """The mode `kind` runs in here, resolved (never AUTO), for a variable of n_in and an
+        output of n_out elements; InvalidArgument if this program cannot compute `kind`."""
 
-@dataclasses.dataclass(frozen=True)
-class Wrt:
-    """The inputs derivatives are taken with respect to.
+    @abc.abstractmethod
+    def kind_transform(self, request: kinds.Request) -> Callable[..., Any]:
+        """g(*inputs[, vector]) at a batch of points: batched inputs and the vector have a
+        leading batch axis, shared inputs none. Returns an array or a dict of arrays, in
+        the request's layout and per-input split."""
 
-    One input, not flattened: the variable is that input, shape as declared. Several inputs,
-    or `flatten`: the variable is the concatenation of the raveled inputs, shape (p,), and
-    results for several inputs without `flatten` are split back into per-input blocks.
-    """
+    @abc.abstractmethod
+    def check_spectrum(self) -> None:
+        """InvalidArgument unless the spectral methods apply to this program."""
 
-    indices: tuple[int, ...]
-    flatten: bool = False
-
-    @property
-    def flat(self) -> bool:
-        return self.flatten or len(self.indices) > 1
-
-    @property
-    def split(self) -> bool:
-        """Whether results come back per input (several inputs, not flattened)."""
-        return len(self.indices) > 1 and not self.flatten
-
-    def shape(self, program: Program) -> tuple[int, ...]:
-        """Shape of the variable at one point."""
-        shapes = [program.inputs[i].shape for i in self.indices]
-        return (sum(math.prod(s) for s in shapes),) if self.flat else shapes[0]
-
-    def view(self, program: Program, f: Callable, inputs: Sequence) -> tuple[Callable, jax.Array]:
-        """(f_x, x): f as a function of the variable alone, the other inputs fixed, and the
-        variable's value at `inputs`. Works per point and on batches alike: axes of the
-        inputs in front of their declared shapes are kept in front of the variable's."""
-        if not self.flat:
-            (i,) = self.indices
-            return _replacing(f, inputs, {i: lambda x: x}), inputs[i]
-        first = self.indices[0]
-        leading = inputs[first].shape[: inputs[first].ndim - len(program.inputs[first].shape)]
-        parts = [inputs[i].reshape(*leading, -1) for i in self.indices]
-        offsets = np.cumsum([0] + [math.prod(program.inputs[i].shape) for i in self.indices])
-        unflatten = {
-            i: functools.partial(_unflatten, start=a, stop=b, shape=program.inputs[i].shape)
-            for i, a, b in zip(self.indices, offsets[:-1], offsets[1:], strict=True)
-        }
-        return _replacing(f, inputs, unflatten), jnp.concatenate(parts, axis=-1)
-
-    def blocks(self, program: Program, result: jax.Array, axes: Sequence[int]) -> dict:
-        """Split a result whose `axes` run over the flat variable into per-input blocks:
-        one axis gives {name: block}, two give {"a,b": block} for every pair."""
-        names = [program.inputs[i].name for i in self.indices]
-        shapes = [program.inputs[i].shape for i in self.indices]
-        offsets = np.cumsum([0] + [math.prod(s) for s in shapes])
-        pieces = list(zip(names, shapes, offsets[:-1], offsets[1:], strict=True))
-        out = {}
-        for combo in itertools.product(pieces, repeat=len(axes)):
-            block = result
-            # Later axes first, so that earlier axis numbers stay valid as shapes grow.
-            for axis, (_, shape, a, b) in sorted(zip(axes, combo, strict=True), reverse=True):
-                block = lax.slice_in_dim(block, int(a), int(b), axis=axis)
-                block = block.reshape(*block.shape[:axis], *shape, *block.shape[axis + 1 :])
-            out[",".join(name for name, *_ in combo)] = block
-        return out
+    @abc.abstractmethod
+    def spectrum_transform(self, request: SpectrumRequest) -> Callable[..., Any]:
+        """g(*inputs) at a batch of points: the dict of the request's spectrum results."""
 
 
-def _unflatten(z, start: int, stop: int, shape: tuple[int, ...]):
-    return z[..., start:stop].reshape(*z.shape[:-1], *shape)
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExpressionProgram(Program):
+    """A program from an expression: `fn(*inputs)` is f at one point, and every JAX
+    transform applies to it, so kinds are built per point and vmapped over the batch."""
 
+    fn: Callable[..., jax.Array] = dataclasses.field(kw_only=True)
 
-def _replacing(f: Callable, inputs: Sequence, replace: dict[int, Callable]) -> Callable:
-    """x -> f(*inputs) with input i replaced by replace[i](x)."""
+    def jacobian_mode(self, kind: Kind, mode: JacobianMode, n_in: int, n_out: int) -> JacobianMode:
+        if mode is JacobianMode.AUTO:
+            # jacfwd costs one pass per input element, jacrev one per output element.
+            return JacobianMode.FORWARD if n_in < n_out else JacobianMode.REVERSE
+        return mode
 
-    def f_x(x):
-        return f(*(replace[i](x) if i in replace else v for i, v in enumerate(inputs)))
+    def kind_transform(self, request: kinds.Request) -> Callable[..., Any]:
+        per_point = kinds.per_point_transform(request, self, self.fn)
+        return jax.vmap(
+            per_point, in_axes=(*self._in_axes(request.shared), *[0] * request.takes_vector)
+        )
 
-    return f_x
+    def check_spectrum(self) -> None:
+        return None
+
+    def spectrum_transform(self, request: SpectrumRequest) -> Callable[..., Any]:
+        return jax.vmap(request.at_a_point(self, self.fn), in_axes=self._in_axes(request.shared))
+
+    def _in_axes(self, shared: tuple[int, ...]) -> list[int | None]:
+        return [None if i in shared else 0 for i in range(len(self.inputs))]
 
 
 def function_id(spec: hessd_pb2.FunctionSpec) -> str:
@@ -161,7 +145,7 @@ def function_id(spec: hessd_pb2.FunctionSpec) -> str:
 
 def build_program(
     spec: hessd_pb2.FunctionSpec, limits: ExpressionLimits = ExpressionLimits()
-) -> Program:
+) -> ExpressionProgram:
     """Validate an expression `spec`, compile it and trace it once for the output shape.
 
     Raises InvalidArgument saying what in the spec is wrong.
@@ -180,7 +164,7 @@ def build_program(
             f"the expression's output has dtype {out.dtype}; derivatives need a floating-point "
             "output (are all inputs and constants integers?)"
         )
-    return Program(
+    return ExpressionProgram(
         function_id=function_id(spec),
         inputs=inputs,
         output_shape=tuple(out.shape),

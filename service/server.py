@@ -13,12 +13,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
+from hessd.service.batcher import Batcher
 from hessd.service.config import ServerConfig
+from hessd.service.engine import Engine
+from hessd.service.expression import ExpressionLimits
 from hessd.service.metrics import Metrics
+from hessd.service.registry import Registry
 from hessd.service.security import AuthInterceptor, Tokens, server_credentials
 from hessd.service.servicer import HessdServicer
 
-__all__ = ["HessdServer", "create_server"]
+__all__ = ["HessdServer", "create_server", "enable_x64"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +41,29 @@ class HessdServer:
         self.config = config
         self._draining = threading.Event()
         self.tokens = tokens if tokens is not None else Tokens.load(config.tokens_file)
-        self.servicer = HessdServicer(config, tokens=self.tokens)
-        self.metrics = Metrics(self.servicer.engine, self.servicer.registry, self.servicer.batcher)
-        self.servicer.metrics = self.metrics
+        self.metrics = Metrics()
+        engine = Engine(max_bucket=config.max_batch_bucket, cache_size=config.executable_cache_size)
+        batcher = Batcher(
+            engine,
+            max_size=config.batch_max_size,
+            max_delay_s=config.batch_max_delay_us * 1e-6,
+            max_queue=config.batch_max_queue,
+            observe_queue=self.metrics.queue.observe,
+        )
+        functions = Registry(
+            config.max_functions,
+            ExpressionLimits(max_chars=config.max_expression_chars),
+            allow_jax_export=config.allow_jax_export,
+        )
+        self.metrics.watch(engine, functions, batcher)
+        self.servicer = HessdServicer(
+            config,
+            engine=engine,
+            batcher=batcher,
+            registry=functions,
+            metrics=self.metrics,
+            tokens=self.tokens,
+        )
         self.metrics_port: int | None = None
         self.health = health.HealthServicer()
         options = [
@@ -92,12 +116,20 @@ class HessdServer:
         return self._server.wait_for_termination(timeout)
 
 
+def enable_x64() -> None:
+    """Let JAX compute in float64. The server computes in whatever dtype a spec declares,
+    and without this float64 inputs would run in float32; it is a process-wide switch, so
+    it is thrown once, here, before the first array exists."""
+    jax.config.update("jax_enable_x64", True)
+
+
 def create_server(config: ServerConfig = ServerConfig()) -> tuple[HessdServer, int]:
     """A server bound to config.host:config.port (not yet started), and the bound port.
 
-    Pass port 0 to let the OS pick one (tests do). JAX's persistent compilation cache is
-    turned on when config.compile_cache_dir is set.
+    Pass port 0 to let the OS pick one (tests do). Turns on float64 (enable_x64), and JAX's
+    persistent compilation cache when config.compile_cache_dir is set.
     """
+    enable_x64()
     if config.compile_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compile_cache_dir)
         # CPU compiles take ~0.1 s; without this they would never be written to the cache.

@@ -12,24 +12,25 @@ import logging
 import math
 import time
 import uuid
+from typing import TypeVar
 
 import grpc
 import jax
 import numpy as np
 
 from hessd.proto import codec, stream
+from hessd.proto.kinds import JacobianMode, Kind, Layout, Method, TraceEstimator
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service import analysis, kinds
 from hessd.service.batcher import Batcher
 from hessd.service.config import ServerConfig
-from hessd.service.engine import Engine
+from hessd.service.engine import Engine, EngineRequest, Output
 from hessd.service.errors import (
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
     ServiceError,
 )
-from hessd.service.expression import ExpressionLimits
 from hessd.service.metrics import Metrics
 from hessd.service.program import Program
 from hessd.service.registry import Registry
@@ -38,32 +39,9 @@ from hessd.service.security import EXPORT, Tokens
 __all__ = ["HessdServicer"]
 
 logger = logging.getLogger(__name__)
+E = TypeVar("E", Kind, JacobianMode, Layout, Method, TraceEstimator)
 # One line per call: id, method, function, kind, points, status, milliseconds.
 request_log = logging.getLogger("hessd.requests")
-
-_KINDS = {getattr(hessd_pb2, k.name): k for k in kinds.Kind}
-_MODES = {
-    hessd_pb2.JACOBIAN_MODE_UNSPECIFIED: kinds.JacobianMode.AUTO,
-    hessd_pb2.AUTO: kinds.JacobianMode.AUTO,
-    hessd_pb2.FORWARD: kinds.JacobianMode.FORWARD,
-    hessd_pb2.REVERSE: kinds.JacobianMode.REVERSE,
-}
-_METHODS = {
-    hessd_pb2.SPECTRUM_METHOD_UNSPECIFIED: analysis.Method.EXACT,
-    hessd_pb2.EXACT: analysis.Method.EXACT,
-    hessd_pb2.LANCZOS: analysis.Method.LANCZOS,
-    hessd_pb2.TRACE: analysis.Method.TRACE,
-    hessd_pb2.DENSITY: analysis.Method.DENSITY,
-}
-_ESTIMATORS = {
-    hessd_pb2.HUTCHPP: analysis.TraceEstimator.HUTCHPP,
-    hessd_pb2.HUTCHINSON: analysis.TraceEstimator.HUTCHINSON,
-}
-_LAYOUTS = {
-    hessd_pb2.LAYOUT_UNSPECIFIED: kinds.Layout.NUMERATOR,
-    hessd_pb2.NUMERATOR: kinds.Layout.NUMERATOR,
-    hessd_pb2.DENOMINATOR: kinds.Layout.DENOMINATOR,
-}
 
 
 def _rpc(method):
@@ -90,39 +68,35 @@ def _rpc(method):
 
 
 class HessdServicer(hessd_pb2_grpc.HessdServicer):
+    """hessd.v1.Hessd over the server's parts, which server.HessdServer builds and owns."""
+
     def __init__(
-        self, config: ServerConfig, engine: Engine | None = None, tokens: Tokens | None = None
+        self,
+        config: ServerConfig,
+        *,
+        engine: Engine,
+        batcher: Batcher,
+        registry: Registry,
+        metrics: Metrics,
+        tokens: Tokens,
     ):
         self.config = config
         self.server_id = uuid.uuid4().hex
-        self.tokens = tokens or Tokens()
-        self.metrics: Metrics | None = None
-        self.engine = engine or Engine(
-            max_bucket=config.max_batch_bucket, cache_size=config.executable_cache_size
-        )
-        self.batcher = Batcher(
-            self.engine,
-            max_size=config.batch_max_size,
-            max_delay_s=config.batch_max_delay_us * 1e-6,
-            max_queue=config.batch_max_queue,
-        )
-        self.registry = Registry(
-            config.max_functions,
-            ExpressionLimits(max_chars=config.max_expression_chars),
-            allow_jax_export=config.allow_jax_export,
-        )
+        self.engine = engine
+        self.batcher = batcher
+        self.registry = registry
+        self.metrics = metrics
+        self.tokens = tokens
 
     @_rpc
     def Register(self, request, context):
         program = self._register(request.spec, context)
         for kind_value in request.warmup_kinds:
-            if kind_value not in _KINDS:
-                raise InvalidArgument(f"unknown warmup kind {kind_value}")
-            task = kinds.make_request(program, _KINDS[kind_value])
+            task = kinds.make_request(program, _enum(Kind, kind_value, "warmup kind"))
             for batch in request.warmup_batch_sizes:
                 if batch < 1:
                     raise InvalidArgument(f"warmup batch sizes must be ≥ 1, got {batch}")
-                self.engine.warmup(program, task, int(batch), _vector_dtype(program, task))
+                self.engine.warmup(program, task, int(batch))
         return hessd_pb2.RegisterResponse(
             function_id=program.function_id,
             output_shape=program.output_shape,
@@ -143,9 +117,10 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             header, buffers = stream.receive(
                 request_iterator, "compute_request", self.config.max_request_bytes
             )
+        except codec.LimitExceeded as e:
+            raise ResourceExhausted(str(e)) from None
         except codec.TensorError as e:
-            limit = "over the limit" in str(e)
-            raise (ResourceExhausted if limit else InvalidArgument)(str(e)) from None
+            raise InvalidArgument(str(e)) from None
         data = dict(zip((what for what, _ in stream.tensors(header)), buffers, strict=True))
         result = self._compute(header, context, data)
         response = hessd_pb2.ComputeResponse()
@@ -157,19 +132,16 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         """The result of a ComputeRequest: an array, or a dict of named arrays. `data`
         holds the bytes of streamed tensors by stream name ("input 'x'", "vector")."""
         program = self._program(request, context)
-        if request.kind not in _KINDS:
-            raise InvalidArgument(
-                f"unknown kind {request.kind}; use one of " + ", ".join(k.value for k in kinds.Kind)
-            )
+        kind = _enum(Kind, request.kind, "kind")
         output_dtype = None
         if request.output_dtype:
             output_dtype = _decode_enum(codec.dtype_from_proto, request.output_dtype)
         task = kinds.make_request(
             program,
-            _KINDS[request.kind],
+            kind,
             tuple(request.wrt),
-            _enum(_MODES, request.jacobian_mode, "jacobian_mode"),
-            _enum(_LAYOUTS, request.layout, "layout"),
+            _enum(JacobianMode, request.jacobian_mode, "jacobian_mode"),
+            _enum(Layout, request.layout, "layout"),
             request.order,
             request.flatten,
             tuple(request.shared),
@@ -180,17 +152,17 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         vector = _decode_vector(program, task, request, batch, data)
         if vector is not None:
             args.append(vector)
-        return task.pack_on_host(self._run(program, task, args, context))
+        return self._run(program, task, args, context)
 
     @_rpc
     def Spectrum(self, request, context):
         program = self._program(request, context)
         estimator = None
         if request.trace_estimator:
-            estimator = _enum(_ESTIMATORS, request.trace_estimator, "trace_estimator")
+            estimator = _enum(TraceEstimator, request.trace_estimator, "trace_estimator")
         task = analysis.make_spectrum_request(
             program,
-            _enum(_METHODS, request.method, "method"),
+            _enum(Method, request.method, "method"),
             tuple(request.wrt),
             shared=tuple(request.shared),
             eigenvectors=request.eigenvectors,
@@ -213,30 +185,36 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             codec.encode(array, out=getattr(response, name))
         return response
 
-    def _run(self, program: Program, task, args: list[np.ndarray], context):
+    def _run(
+        self, program: Program, task: EngineRequest, args: list[np.ndarray], context
+    ) -> Output:
         """Check the output size against the limit, then run on the engine, unless the
         caller has gone (cancelled, or its deadline passed) in the meantime."""
         batch = next(a for i, a in enumerate(args) if i not in task.shared).shape[0]
         shapes = task.output_shapes(program)
-        itemsize = (getattr(task, "output_dtype", None) or program.output_dtype).itemsize
-        per_point = sum(math.prod(shape) for shape in shapes.values()) * itemsize
+        dtype = task.result_dtype(program)
+        per_point = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
         nbytes = batch * per_point
-        if max(nbytes, per_point) > self.config.max_output_bytes:
+        limit = self.config.max_output_bytes
+        if max(nbytes, per_point) > limit:
             described = ", ".join(f"{name} {(batch, *shape)}" for name, shape in shapes.items())
+            if per_point > limit:
+                advice = (
+                    f"one point alone is {per_point} bytes, so fewer points cannot help: "
+                    + _smaller_result_advice(task)
+                )
+            else:
+                advice = "send fewer points per request"
             raise ResourceExhausted(
-                f"the result for {batch} points would be {described} of "
-                f"{np.dtype(getattr(task, 'output_dtype', None) or program.output_dtype).name}, "
-                f"{nbytes} bytes, over this server's limit of "
-                f"{self.config.max_output_bytes} bytes (--max-output-bytes); send fewer "
-                "points per request"
+                f"the result for {batch} points would be {described} of {dtype.name}, "
+                f"{nbytes} bytes, over this server's limit of {limit} bytes "
+                f"(--max-output-bytes); {advice}"
             )
         start = time.perf_counter()
         # Coalesced with concurrent calls of the same computation; a caller that has gone
         # (cancelled, deadline passed) is dropped before compute.
         result = self.batcher.run(program, task, args, is_active=context.is_active)
-        if self.metrics is not None:
-            kind = getattr(task, "kind", getattr(task, "method", None))
-            self.metrics.compute.labels(kind.value).observe(time.perf_counter() - start)
+        self.metrics.compute.labels(task.label).observe(time.perf_counter() - start)
         return result
 
     @_rpc
@@ -284,10 +262,13 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
     def _record(self, method: str, request, context, status: grpc.StatusCode, seconds: float):
         """One structured log line per call (no tensor data), and the metrics."""
         kind = "-"
-        if method == "Compute" and request.kind in _KINDS:
-            kind = _KINDS[request.kind].value
-        elif method == "Spectrum" and request.method in _METHODS:
-            kind = _METHODS[request.method].value
+        try:
+            if method == "Compute":
+                kind = Kind.from_wire(request.kind).value
+            elif method == "Spectrum":
+                kind = Method.from_wire(request.method).value
+        except ValueError:
+            pass  # an unknown value, already refused
         points = next(
             (t.tensor.shape[0] for t in getattr(request, "inputs", ())
              if t.name not in request.shared and t.tensor.shape),
@@ -303,18 +284,35 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             "id=%s method=%s function=%s kind=%s points=%d status=%s ms=%.2f",
             request_id, method, function[:16], kind, points, status.name, 1e3 * seconds,
         )  # fmt: skip
-        if self.metrics is not None:
-            self.metrics.requests.labels(method, kind, status.name).inc()
-            self.metrics.latency.labels(method, kind).observe(seconds)
-            if points:
-                self.metrics.batch_points.observe(points)
+        self.metrics.requests.labels(method, kind, status.name).inc()
+        self.metrics.latency.labels(method, kind).observe(seconds)
+        if points:
+            self.metrics.batch_points.observe(points)
 
 
-def _enum(table: dict, value: int, name: str):
+def _enum(enum_type: type[E], value: int, name: str) -> E:
+    """The member of a wire enum value; InvalidArgument naming the known ones otherwise."""
     try:
-        return table[value]
-    except KeyError:
-        raise InvalidArgument(f"unknown {name} value {value}") from None
+        return enum_type.from_wire(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in enum_type)
+        raise InvalidArgument(f"unknown {name} {value}; use one of {choices}") from None
+
+
+def _smaller_result_advice(task: EngineRequest) -> str:
+    """What makes one point's result smaller, for this request."""
+    ways = []
+    if isinstance(task, kinds.Request):
+        if task.kind is Kind.HESSIAN and not task.packed:
+            ways.append("packed=True (the upper triangle of a scalar function's Hessian)")
+        if task.output_dtype is None or task.output_dtype.itemsize > 2:
+            ways.append("output_dtype='float16' or 'bfloat16' (or 'float32' for float64)")
+        if task.kind in (Kind.HESSIAN, Kind.JACOBIAN):
+            ways.append("hvp, jvp or vjp, which never form the matrix")
+    else:
+        ways.append("method lanczos, trace or density, or eigenvectors=False")
+    ways.append("a server started with a larger --max-output-bytes")
+    return "use " + "; or ".join(ways)
 
 
 def _decode(tensor: hessd_pb2.Tensor, what: str, data: dict | None = None) -> np.ndarray:
@@ -400,31 +398,19 @@ def _decode_vector(
     if not task.takes_vector:
         if given:
             raise InvalidArgument(
-                f"kind {task.kind.value} takes no vector; only hvp, jvp, vjp and taylor do"
+                f"kind {task.kind.value} takes no vector; only "
+                + ", ".join(k.value for k in Kind if k.takes_vector)
+                + " do"
             )
         return None
-    name = {
-        kinds.Kind.HVP: "v",
-        kinds.Kind.JVP: "tangent t",
-        kinds.Kind.VJP: "cotangent u",
-        kinds.Kind.TAYLOR: "direction d",
-    }
-    what = f"the {task.kind.value} {name[task.kind]}"
+    what = task.kind.vector_name
     if not given:
         raise InvalidArgument(f"{what} is missing: set vector, one per point")
     vector = _decode(request.vector, "vector" if data is not None else what, data)
-    dtype = _vector_dtype(program, task)
-    _check_points(vector, task.vector_shape(program), dtype, what)
+    _check_points(vector, task.vector_shape(program), task.vector_dtype(program), what)
     if vector.shape[0] != batch:
         raise InvalidArgument(f"{what} has {vector.shape[0]} rows but there are {batch} points")
     return vector
-
-
-def _vector_dtype(program: Program, task: kinds.Request) -> np.dtype:
-    """The dtype of the per-point vector of an hvp/jvp/taylor (the variable's) or vjp."""
-    if task.kind is kinds.Kind.VJP:
-        return program.output_dtype
-    return np.result_type(*(program.inputs[i].dtype for i in task.wrt.indices))
 
 
 def _check_points(array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:

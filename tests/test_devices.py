@@ -27,8 +27,9 @@ SHARDED = textwrap.dedent(
     from hessd.service.config import ServerConfig
     from hessd.service.engine import Engine
     from hessd.service.program import build_program
-    from hessd.service.server import create_server
+    from hessd.service.server import create_server, enable_x64
 
+    enable_x64()
     assert len(jax.local_devices()) == 4, jax.local_devices()
     spec = hessd_pb2.FunctionSpec(
         expression=hessd_pb2.Expression(source="sum(tanh(x)**2) * sum(w * x) + sum(x**4)"),
