@@ -5,36 +5,40 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from hessd.client._errors import InvalidArgument
 from hessd.proto import codec, stream
+from hessd.proto.kinds import (
+    JacobianMode,
+    Kind,
+    Layout,
+    Method,
+    PointClass,
+    TraceEstimator,
+    result_shapes,
+    variable_shape,
+)
 from hessd.proto.v1 import hessd_pb2
 
 __all__ = ["Function", "Spectrum"]
 
+
+def _wire(member: Any) -> int:
+    return member.wire
+
+
+E = TypeVar("E", Kind, JacobianMode, Layout, Method, TraceEstimator)
+
 Points = Any  # an array-like (batch, *shape), or a mapping of input name to one
 Wrt = str | Sequence[str] | None
 
-_MODES = {"auto": hessd_pb2.AUTO, "forward": hessd_pb2.FORWARD, "reverse": hessd_pb2.REVERSE}
-_LAYOUTS = {"numerator": hessd_pb2.NUMERATOR, "denominator": hessd_pb2.DENOMINATOR}
-_METHODS = {
-    "exact": hessd_pb2.EXACT,
-    "lanczos": hessd_pb2.LANCZOS,
-    "trace": hessd_pb2.TRACE,
-    "density": hessd_pb2.DENSITY,
-}
-_ESTIMATORS = {
-    None: hessd_pb2.TRACE_ESTIMATOR_UNSPECIFIED,
-    "hutch++": hessd_pb2.HUTCHPP,
-    "hutchinson": hessd_pb2.HUTCHINSON,
-}
-# Index i holds the name of PointClass value i.
-_CLASS_NAMES = np.array(["unspecified", "minimum", "maximum", "saddle", "degenerate"])
-_VECTOR_KINDS = ("hvp", "jvp", "vjp", "taylor")
+# Index i holds the name of PointClass wire value i.
+_CLASS_NAMES = np.array(["unspecified", *(c.value for c in sorted(PointClass, key=_wire))])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +118,7 @@ def register_request(
                 codec.encode(array, out=spec.constants.add(name=name).tensor)
     except codec.TensorError as e:
         raise InvalidArgument(str(e)) from None
-    try:
-        kinds = [hessd_pb2.Kind.Value(k.upper()) for k in warmup_kinds] if warmup else []
-    except ValueError:
-        raise InvalidArgument(f"unknown kind in warmup_kinds {list(warmup_kinds)}") from None
+    kinds = [_option(Kind, k, "warmup_kinds").wire for k in warmup_kinds] if warmup else []
     return hessd_pb2.RegisterRequest(spec=spec, warmup_batch_sizes=list(warmup), warmup_kinds=kinds)
 
 
@@ -183,21 +184,24 @@ def compute_request(
     unpack: bool = True,
 ) -> ComputeCall:
     try:
-        kind_value = hessd_pb2.Kind.Value(kind.upper())
+        the_kind = Kind.parse(kind)
     except ValueError:
-        raise InvalidArgument(f"unknown kind {kind!r}") from None
+        raise InvalidArgument(
+            f"unknown kind {kind!r}; use one of " + ", ".join(k.value for k in Kind)
+        ) from None
     wrt = _names(wrt)
     try:
         out_dtype = np.dtype(output_dtype) if output_dtype else f.dtype
         wire_dtype = codec.dtype_to_proto(out_dtype) if output_dtype else 0
     except (TypeError, codec.TensorError) as e:
         raise InvalidArgument(f"output_dtype={output_dtype!r}: {e}") from None
+    the_layout = _option(Layout, layout, "layout")
     request = hessd_pb2.ComputeRequest(
         function_id=f.id,
-        kind=kind_value,
+        kind=the_kind.wire,
         wrt=wrt,
-        jacobian_mode=_option(_MODES, mode, "mode"),
-        layout=_option(_LAYOUTS, layout, "layout"),
+        jacobian_mode=_option(JacobianMode, mode, "mode").wire,
+        layout=the_layout.wire,
         order=order,
         flatten=flatten,
         shared=shared,
@@ -205,39 +209,57 @@ def compute_request(
         packed=packed,
     )
     arrays, batch = _encode_points(f, points, shared, request)
+    variable = _variable_shape(f, wrt, flatten)
     if vector is not None:
-        if kind not in _VECTOR_KINDS:
-            raise InvalidArgument(f"kind {kind} takes no vector; only hvp, jvp, vjp and taylor do")
-        shape = f.output_shape if kind == "vjp" else _variable_shape(f, wrt, flatten)
-        arrays.append(_checked(vector, shape, f.dtype, f"the {kind} vector"))
+        if not the_kind.takes_vector:
+            raise InvalidArgument(
+                f"kind {kind} takes no vector; only "
+                + ", ".join(k.value for k in Kind if k.takes_vector)
+                + " do"
+            )
+        shape = f.output_shape if the_kind.vector_is_output_shaped else variable
+        arrays.append(_checked(vector, shape, f.dtype, the_kind.vector_name))
         codec.encode(arrays[-1], out=request.vector, data=False)
-    x = int(np.prod(_variable_shape(f, wrt, flatten)))
-    out = int(np.prod(f.output_shape))
-    elements = {
-        "value": out, "jvp": out, "gradient": x, "hvp": x, "vjp": x, "jacobian": out * x,
-        "hessian": x * (x + 1) // 2 if packed else out * x * x, "taylor": order * out,
-        "taylor2": 1 + x + x * x,
-    }.get(kind, 0)  # fmt: skip
+    shapes = result_shapes(
+        the_kind, variable, f.output_shape, layout=the_layout, packed=packed, order=order
+    )
+    elements = sum(math.prod(s) for s in shapes.values())
     call = ComputeCall(request, arrays, (batch or 0) * elements * out_dtype.itemsize)
     if packed and unpack:
-        call.unpack = x
+        call.unpack = math.prod(variable)
     return call
 
 
 def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
-    """(batch, n(n+1)/2) upper triangles, row-major, into (batch, n, n) symmetric."""
-    # One take with a precomputed index: two fancy-index scatters took 364 ms for
-    # (512, 32896) -> (512, 256, 256), this about 40.
-    return np.take(packed, _unpack_index(n), axis=1).reshape(packed.shape[0], n, n)
+    """(batch, n(n+1)/2) upper triangles, row-major, into (batch, n, n) symmetric.
+
+    Memory is the result plus O(n): rows are copied into the upper triangle one slice at a
+    time, then mirrored into the lower one panel of rows at a time. (A precomputed n² int64
+    index took 15 s and 3.2 GB at n=8000.)
+    """
+    b = packed.shape[0]
+    out = np.empty((b, n, n), packed.dtype)
+    start = 0
+    for i in range(n):
+        out[:, i, i:] = packed[:, start : start + n - i]
+        start += n - i
+    for lo in range(0, n, _PANEL):
+        hi = min(lo + _PANEL, n)
+        # Rows lo:hi left of the diagonal block are columns lo:hi above it, transposed.
+        out[:, lo:hi, :lo] = out[:, :lo, lo:hi].transpose(0, 2, 1)
+        block = out[:, lo:hi, lo:hi]
+        rows, cols = _strict_lower(hi - lo)
+        block[:, rows, cols] = block[:, cols, rows]
+    return out
 
 
-@functools.lru_cache(maxsize=8)
-def _unpack_index(n: int) -> np.ndarray:
-    """For each (i, j) of an n x n matrix, row-major, its place in the packed triangle."""
-    i, j = np.divmod(np.arange(n * n), n)
-    lo, hi = np.minimum(i, j), np.maximum(i, j)
-    # Row r of the triangle starts at r*n - r(r-1)/2 and holds columns r..n-1.
-    return lo * n - lo * (lo - 1) // 2 + (hi - lo)
+# Rows mirrored at once: a panel of 256 rows of float64 at n=8000 is 16 MB.
+_PANEL = 256
+
+
+@functools.lru_cache(maxsize=4)
+def _strict_lower(m: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.tril_indices(m, -1)
 
 
 def spectrum_request(
@@ -263,13 +285,17 @@ def spectrum_request(
         function_id=f.id,
         wrt=_names(wrt),
         shared=shared,
-        method=_option(_METHODS, method, "method"),
+        method=_option(Method, method, "method").wire,
         eigenvectors=eigenvectors,
         k=k,
         num_steps=num_steps,
         num_probes=num_probes,
         num_matvecs=num_matvecs,
-        trace_estimator=_option(_ESTIMATORS, trace_estimator, "trace_estimator"),
+        trace_estimator=(
+            0
+            if trace_estimator is None
+            else _option(TraceEstimator, trace_estimator, "trace_estimator").wire
+        ),
         seed=seed,
         grid_size=grid_size,
     )
@@ -311,9 +337,7 @@ def _variable_shape(f: Function, wrt: list[str], flatten: bool) -> tuple[int, ..
     unknown = [n for n in names if n not in f.inputs]
     if unknown:
         raise InvalidArgument(f"wrt={unknown[0]!r} is not an input; inputs are {list(f.inputs)}")
-    if flatten or len(names) > 1:
-        return (sum(int(np.prod(f.inputs[n])) for n in names),)
-    return f.inputs[names[0]]
+    return variable_shape({n: f.inputs[n] for n in names}, flatten)
 
 
 def _shape(shape: Sequence[int] | int, name: str) -> tuple[int, ...]:
@@ -323,11 +347,12 @@ def _shape(shape: Sequence[int] | int, name: str) -> tuple[int, ...]:
     return shape
 
 
-def _option(table: dict, value, name: str) -> int:
+def _option(enum_type: type[E], value: str, name: str) -> E:
+    """The member of a contract enum called `value`; InvalidArgument naming the choices."""
     try:
-        return table[value]
-    except KeyError:
-        choices = ", ".join(k for k in table if k is not None)
+        return enum_type.parse(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in enum_type)
         raise InvalidArgument(f"{name}={value!r}; use one of {choices}") from None
 
 

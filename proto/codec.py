@@ -138,9 +138,18 @@ def coerce(array: object, dtype: np.dtype | str, what: str) -> np.ndarray:
     Integers, booleans and lower-precision floats convert when every value survives the
     round trip exactly; anything else (float64 data for a float32 function, say) raises
     TensorError naming `what` and the cast to do, so nothing a user sent is silently changed.
+    A list or a Python number has no dtype of its own, so its floats take `dtype` (as
+    jnp.asarray does): [[0.1, 0.2]] is a float32 point of a float32 function.
     """
-    array = np.asarray(array)
     dtype = np.dtype(dtype)
+    if not hasattr(array, "dtype"):
+        try:
+            array = np.asarray(array)
+        except ValueError as e:  # ragged nesting
+            raise TensorError(f"{what} is not a rectangular array of numbers: {e}") from None
+        if array.dtype.kind == "f":
+            return array.astype(dtype)
+    array = np.asarray(array)
     if array.dtype == dtype:
         return array
     if array.dtype.kind not in "biuf":

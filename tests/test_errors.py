@@ -179,6 +179,19 @@ def test_output_over_the_limit_is_refused_before_work(stub):
     assert_serving(stub)
 
 
+def test_one_point_over_the_limit_names_what_can_help(stub):
+    # One Hessian of n=12000 in float64 is 1.15 GB: fewer points cannot help.
+    fid = register(stub, "sum(x**2)", {"x": (12_000,)}).function_id
+    with pytest.raises(grpc.RpcError) as info:
+        compute(stub, fid, hessd_pb2.HESSIAN, x=np.ones((1, 12_000)))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    message = info.value.details()
+    assert "one point alone" in message and "send fewer points" not in message
+    for remedy in ("packed=True", "output_dtype", "hvp", "--max-output-bytes"):
+        assert remedy in message, message
+    assert_serving(stub)
+
+
 def test_missing_vector_for_hvp(stub):
     fid = register(stub, "sum(x**2)").function_id
     assert_status(lambda: compute(stub, fid, hessd_pb2.HVP), INVALID, "hvp v is missing")
@@ -286,6 +299,8 @@ def test_client_raises_typed_errors(server_address):
             c.register("x.__class__", {"x": (3,)})
         with pytest.raises(InvalidArgument, match="converting would change its values"):
             c.gradient(c.register("sum(x**2)", {"x": (3,)}), np.full((2, 3), 0.1))
+        with pytest.raises(InvalidArgument, match="not a rectangular array"):
+            c.gradient(c.register("sum(x**2)", {"x": (3,)}), [[0.1, 0.2, 0.3], [0.1]])
         with pytest.raises(InvalidArgument, match="mode='sideways'"):
             c.jacobian(f, np.ones((2, 3)), mode="sideways")
         with pytest.raises(InvalidArgument, match="unknown kind 'laplacian'"):

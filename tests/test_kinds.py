@@ -190,3 +190,10 @@ def test_nan_and_inf_points_are_computed_not_rejected(client):
 def test_empty_batch(client):
     f = client.register("sum(x**2)", {"x": (2,)}, dtype="float64")
     assert client.hessian(f, np.zeros((0, 2))).shape == (0, 2, 2)
+
+
+def test_points_as_a_list_take_the_function_dtype(client):
+    f = client.register("sum(x**2)", {"x": (3,)})  # float32, the default
+    gradient = client.gradient(f, [[0.1, 0.2, 0.3]])
+    assert gradient.dtype == np.float32
+    np.testing.assert_allclose(gradient, [[0.2, 0.4, 0.6]], rtol=1e-6)

@@ -78,3 +78,18 @@ def test_coerce_converts_only_exactly():
         codec.coerce(np.array([0.1]), np.float32, "input 'x'")
     with pytest.raises(codec.TensorError, match="not numeric"):
         codec.coerce(np.array(["a"]), np.float32, "x")
+
+
+def test_lists_and_python_numbers_take_the_function_dtype():
+    point = codec.coerce([[0.1, 0.2, 0.3]], np.float32, "input 'x'")
+    assert point.dtype == np.float32
+    np.testing.assert_array_equal(point, np.array([[0.1, 0.2, 0.3]], np.float32))
+    assert codec.coerce(2.5, np.float32, "v").dtype == np.float32
+    # Integers still convert only when exact; numpy arrays keep their dtype's meaning.
+    assert codec.coerce([1, 2], np.float32, "v").dtype == np.float32
+    with pytest.raises(codec.TensorError, match="converting would change its values"):
+        codec.coerce([2**40 + 1], np.float32, "v")
+    with pytest.raises(codec.TensorError, match="converting would change its values"):
+        codec.coerce(np.array([0.1]), np.float32, "v")
+    with pytest.raises(codec.TensorError, match="not a rectangular array"):
+        codec.coerce([[1.0], [1.0, 2.0]], np.float32, "v")

@@ -111,6 +111,17 @@ def test_packed_hessian(client, quartic):
         allclose(streamed.hessian(quartic, x, packed=True), full)
 
 
+@pytest.mark.parametrize("n", [1, 2, 255, 256, 257, 600])
+def test_unpack_mirrors_every_panel(n):
+    from hessd.client._requests import _unpack
+
+    full = np.random.default_rng(n).normal(size=(3, n, n))
+    full = full + full.transpose(0, 2, 1)
+    rows, cols = np.triu_indices(n)
+    unpacked = _unpack(np.ascontiguousarray(full[:, rows, cols]), n)
+    np.testing.assert_array_equal(unpacked, full)
+
+
 def test_packed_needs_a_scalar_hessian(client):
     f = client.register("sin(x)", {"x": (3,)}, dtype="float64")
     with pytest.raises(InvalidArgument, match="packed applies to the hessian of a scalar"):
