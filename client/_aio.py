@@ -58,7 +58,8 @@ class AsyncClient(_Kinds):
         timeout: float | None = None,
     ) -> Function:
         dtype = np.dtype(dtype)
-        backend = (await self.server_info())["backend"] if callable(function) else None
+        # The platform to export for, asked of the server only when there is a callable.
+        backend: str = (await self.server_info())["backend"] if callable(function) else ""
         request = _requests.register_request(
             function, inputs, constants, dtype, lambda: backend, warmup, warmup_kinds
         )

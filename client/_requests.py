@@ -152,7 +152,7 @@ class ComputeCall:
             tensor.data = codec.little_endian(array).tobytes()
         return self.request
 
-    def result(self, reply: hessd_pb2.ComputeResponse, buffers=None):
+    def result(self, reply: Any, buffers: Sequence[Any] | None = None) -> Any:
         """The reply's arrays; `buffers` holds the bytes of a streamed reply."""
         named = stream.tensors(reply)
         data = buffers if buffers is not None else [None] * len(named)
@@ -163,6 +163,7 @@ class ComputeCall:
         }
         result = arrays["output"] if list(arrays) == ["output"] else arrays
         if self.unpack is not None:
+            assert isinstance(result, np.ndarray)  # packed: one Hessian of a scalar function
             result = _unpack(result, self.unpack)
         return result
 
@@ -192,7 +193,7 @@ def compute_request(
     wrt = _names(wrt)
     try:
         out_dtype = np.dtype(output_dtype) if output_dtype else f.dtype
-        wire_dtype = codec.dtype_to_proto(out_dtype) if output_dtype else 0
+        wire_dtype = codec.dtype_to_proto(out_dtype) if output_dtype else None
     except (TypeError, codec.TensorError) as e:
         raise InvalidArgument(f"output_dtype={output_dtype!r}: {e}") from None
     the_layout = _option(Layout, layout, "layout")
@@ -292,7 +293,7 @@ def spectrum_request(
         num_probes=num_probes,
         num_matvecs=num_matvecs,
         trace_estimator=(
-            0
+            None
             if trace_estimator is None
             else _option(TraceEstimator, trace_estimator, "trace_estimator").wire
         ),
@@ -358,9 +359,9 @@ def _option(enum_type: type[E], value: str, name: str) -> E:
 
 def _encode_points(
     f: Function, points: Points, shared: Sequence[str], request, data: bool = False
-) -> tuple[list[np.ndarray], int]:
+) -> tuple[list[np.ndarray], int | None]:
     """Check `points` against f's inputs and describe them in request.inputs (with their
-    bytes if `data`); return the arrays in order and the batch size."""
+    bytes if `data`); return the arrays in order and the batch size (None if all shared)."""
     if not isinstance(points, Mapping):
         if len(f.inputs) != 1:
             raise InvalidArgument(

@@ -34,7 +34,7 @@ class LimitExceeded(TensorError):
     """Tensors that are well formed but larger than the receiver accepts."""
 
 
-_BY_PROTO: dict[int, np.dtype] = {
+_BY_PROTO: dict[hessd_pb2.DType, np.dtype] = {
     hessd_pb2.FLOAT32: np.dtype("<f4"),
     hessd_pb2.FLOAT64: np.dtype("<f8"),
     hessd_pb2.FLOAT16: np.dtype("<f2"),
@@ -43,10 +43,10 @@ _BY_PROTO: dict[int, np.dtype] = {
     hessd_pb2.BOOL: np.dtype("bool"),
     hessd_pb2.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
 }
-_BY_NAME: dict[str, int] = {np.dtype(d).name: p for p, d in _BY_PROTO.items()}
+_BY_NAME: dict[str, hessd_pb2.DType] = {np.dtype(d).name: p for p, d in _BY_PROTO.items()}
 
 
-def dtype_to_proto(dtype: np.dtype | str | type) -> int:
+def dtype_to_proto(dtype: np.dtype | str | type) -> hessd_pb2.DType:
     """The DType enum value of a numpy dtype; TensorError for types the wire does not carry."""
     name = np.dtype(dtype).name
     try:
@@ -60,7 +60,7 @@ def dtype_to_proto(dtype: np.dtype | str | type) -> int:
 def dtype_from_proto(value: int) -> np.dtype:
     """The numpy dtype of a DType enum value; TensorError for unknown or unset values."""
     try:
-        return _BY_PROTO[value]
+        return _BY_PROTO[value]  # type: ignore[index]  # an int, checked here
     except KeyError:
         name = hessd_pb2.DType.Name(value) if value in hessd_pb2.DType.values() else value
         raise TensorError(

@@ -59,7 +59,7 @@ class _WireEnum(enum.Enum):
         ValueError for values this version does not know, naming the ones it does.
         """
         if value == 0 and cls in _DEFAULTS:
-            return _DEFAULTS[cls]
+            return cls(_DEFAULTS[cls].value)
         try:
             return cls[_WIRE_TYPES[cls].Name(value)]
         except (ValueError, KeyError):
@@ -80,7 +80,8 @@ class _WireEnum(enum.Enum):
             ) from None
 
     @property
-    def wire(self) -> int:
+    def wire(self) -> Any:
+        """The wire enum's value: an int, typed by the generated stubs as their enum."""
         return _WIRE_TYPES[type(self)].Value(self.name)
 
 

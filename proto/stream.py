@@ -80,4 +80,4 @@ def receive(
         index, offset = index + 1, 0
     if index != len(buffers):
         raise codec.TensorError(f"the stream ended inside {named[index][0]}")
-    return header, [memoryview(b) for b in buffers]
+    return header, [memoryview(b.data) for b in buffers]

@@ -184,7 +184,7 @@ class SpectrumRequest(EngineRequest):
             "eigenvalues": jnp.concatenate([eigs.smallest, eigs.largest]),
             "residuals": eigs.residuals,
         }
-        if self.eigenvectors:
+        if eigs.smallest_vectors is not None and eigs.largest_vectors is not None:
             result["eigenvectors"] = jnp.concatenate(
                 [eigs.smallest_vectors, eigs.largest_vectors], axis=1
             )
@@ -286,15 +286,16 @@ def make_spectrum_request(
                 f"{name} does not apply to method {method.value}; it applies to "
                 + ", ".join(m.value for m, names in _OPTIONS.items() if name in names)
             )
-    for name in ("k", "num_steps", "num_probes", "num_matvecs", "grid_size"):
-        if given[name] < 0:
-            raise InvalidArgument(f"{name} must be positive, got {given[name]}")
-        if given[name] > MAX_COUNT[name]:
+    counts = {"k": k, "num_steps": num_steps, "num_probes": num_probes,
+              "num_matvecs": num_matvecs, "grid_size": grid_size}  # fmt: skip
+    for name, count in counts.items():
+        if count < 0:
+            raise InvalidArgument(f"{name} must be positive, got {count}")
+        if count > MAX_COUNT[name]:
             raise InvalidArgument(
-                f"{name}={given[name]} is over this server's limit of {MAX_COUNT[name]}"
+                f"{name}={count} is over this server's limit of {MAX_COUNT[name]}"
             )
-    for name in ("tol", "gtol", "sigma"):
-        value = given[name]
+    for name, value in (("tol", tol), ("gtol", gtol), ("sigma", sigma)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise InvalidArgument(f"{name} must be a finite number ≥ 0, got {value}")
     if method is Method.EXACT and n > max_exact_n:

@@ -165,7 +165,10 @@ class Batcher:
             self._queued += points
             batch = self._open.get(key)
             leader = batch is None or batch.points + points > self.max_size
-            if leader:
+            if batch is not None and not leader:
+                batch.callers.append(caller)
+                batch.points += points
+            else:
                 if batch is not None:
                     # This caller does not fit: send that batch off now, start the next.
                     del self._open[key]
@@ -174,9 +177,6 @@ class Batcher:
                 self._open[key] = batch
                 if key not in self._computing:
                     batch.go.set()
-            else:
-                batch.callers.append(caller)
-                batch.points += points
             if batch.points == self.max_size:
                 del self._open[key]
                 batch.go.set()
@@ -186,6 +186,7 @@ class Batcher:
             caller.done.wait()
         if caller.error is not None:
             raise caller.error
+        assert caller.result is not None  # the leader sets one of the two
         return caller.result
 
     def _run_alone(self, program, request, args, points, is_active) -> Output:
@@ -278,7 +279,7 @@ def _points(request: EngineRequest, args: Sequence[np.ndarray]) -> int:
 def _key(program: Program, request: EngineRequest, args: Sequence[np.ndarray]) -> tuple:
     """What must be equal for two requests to share a call: the engine's cache key without
     the bucket, plus a digest of every shared input, so different parameters never mix."""
-    signature = []
+    signature: list[tuple[object, ...]] = []
     for i, a in enumerate(args):
         if i in request.shared:
             digest = hashlib.blake2b(np.ascontiguousarray(a).data, digest_size=16).digest()

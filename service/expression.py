@@ -341,8 +341,9 @@ def _literal_number(node: ast.expr) -> int | float | None:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.UAdd | ast.USub):
         sign = -1 if isinstance(node.op, ast.USub) else 1
         node = node.operand
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return sign * node.value
+    value = node.value if isinstance(node, ast.Constant) else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return sign * value
     return None
 
 
@@ -583,7 +584,7 @@ class _Compiler:
         ]
         keywords: dict[str, Any] = {}
         for kw in node.keywords:
-            if kw.arg not in function.keywords:
+            if kw.arg is None or kw.arg not in function.keywords:
                 allowed = ", ".join(function.keywords) or "none"
                 raise self._error(
                     kw,

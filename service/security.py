@@ -86,10 +86,10 @@ class Tokens:
         offered = b""
         for key, value in metadata or ():
             if key == "authorization":
-                value = value.decode() if isinstance(value, bytes) else value
-                scheme, _, token = value.partition(" ")
+                text = value.decode() if isinstance(value, bytes) else value
+                scheme, _, given = text.partition(" ")
                 if scheme.lower() == "bearer":
-                    offered = token.strip().encode()
+                    offered = given.strip().encode()
         found = None
         for token, principal in self._entries:
             # Compare against every token, constant-time each: no early exit to time.
@@ -133,10 +133,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
         )
 
     def _bounded(self, behavior, principal: Principal):
+        limit = principal.max_concurrent
+        assert limit is not None  # intercept_service bounds only tokens with a limit
+
         def bounded(request, context):
             with self._lock:
                 count = self._in_flight.get(principal.name, 0)
-                if count >= principal.max_concurrent:
+                if count >= limit:
                     refused = True
                 else:
                     refused = False

@@ -87,6 +87,8 @@ class HessdServer:
         )
         address = f"{config.host}:{config.port}"
         if config.tls_cert or config.tls_key:
+            if not (config.tls_cert and config.tls_key):
+                raise ValueError("--tls-cert and --tls-key go together: give both, or neither")
             credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
             self.port = self._server.add_secure_port(address, credentials)
         else:

@@ -180,6 +180,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         )
         args, _ = _decode_inputs(program, request.inputs, task.shared)
         result = self._run(program, task, args, context)
+        assert isinstance(result, dict)  # a spectrum has named fields
         response = hessd_pb2.SpectrumResponse()
         for name, array in result.items():
             codec.encode(array, out=getattr(response, name))
@@ -384,6 +385,8 @@ def _decode_inputs(
                 )
             batch, first = array.shape[0], signature.name
         arrays.append(array)
+    # shared_indices keeps at least one input per point, so a batch size was read.
+    assert batch is not None
     return arrays, batch
 
 

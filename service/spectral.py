@@ -187,11 +187,11 @@ def extreme_eigenvalues(
     theta, s = jnp.linalg.eigh(_tridiagonal(alphas, betas))
     ends = jnp.concatenate([jnp.arange(k), jnp.arange(num_steps - k, num_steps)])
     residuals = jnp.abs(residual * s[num_steps - 1, ends])
+    smallest_vectors: jax.Array | None = None
+    largest_vectors: jax.Array | None = None
     if eigenvectors:
         vectors = jnp.matmul(basis.T, s[:, ends], precision=_HIGHEST)
         smallest_vectors, largest_vectors = vectors[:, :k], vectors[:, k:]
-    else:
-        smallest_vectors = largest_vectors = None
     return ExtremeEigs(
         smallest=theta[:k],
         largest=theta[num_steps - k :],
@@ -304,7 +304,7 @@ def slq(
 
 
 def spectral_density(
-    nodes: jax.Array, weights: jax.Array, grid: jax.Array, sigma: float
+    nodes: jax.Array, weights: jax.Array, grid: jax.Array, sigma: float | jax.Array
 ) -> jax.Array:
     """Gaussian-smoothed SLQ density on `grid` (g,): shape (g,), in the dtype of `nodes`.
 

@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -86,7 +86,7 @@ def _unflatten(z, start: int, stop: int, shape: tuple[int, ...]):
     return z[..., start:stop].reshape(*z.shape[:-1], *shape)
 
 
-def _replacing(f: Callable, inputs: Sequence, replace: dict[int, Callable]) -> Callable:
+def _replacing(f: Callable, inputs: Sequence, replace: Mapping[int, Callable]) -> Callable:
     """x -> f(*inputs) with input i replaced by replace[i](x)."""
 
     def f_x(x):
