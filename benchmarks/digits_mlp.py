@@ -31,83 +31,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-SIZES = (64, 16, 10)
+from _models import (
+    DIGITS_RESULTS,
+    SIZES,
+    init_params,
+    load_data,
+    loss_and_logits,
+    loss_expression,
+    num_params,
+)
+from _timing import write_json
+
 CHECKPOINT_STEPS = (0, 30, 100, 300, 1000, 3000)
-DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "digits"
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
-
-
-def load_data() -> tuple[np.ndarray, np.ndarray]:
-    """The digits data set: X (1797, 64) standardised pixels, Y (1797, 10) one-hot, float32.
-
-    Each pixel is centred and scaled to unit variance over the data set; the three pixels
-    that are 0 in every image stay 0 (their weights then get zero curvature).
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    std = digits.data.std(axis=0)
-    x = (digits.data - digits.data.mean(axis=0)) / np.where(std > 0, std, 1.0)
-    y = np.eye(10)[digits.target]
-    return x.astype(np.float32), y.astype(np.float32)
-
-
-def num_params(sizes: tuple[int, int, int] = SIZES) -> int:
-    """Number of parameters of a (d, h, c) MLP: d h + h + h c + c (1210 for 64-16-10)."""
-    d, h, c = sizes
-    return d * h + h + h * c + c
-
-
-def param_layout(sizes: tuple[int, int, int]) -> dict[str, tuple[int, int, tuple[int, ...]]]:
-    """name -> (start, stop, shape) of each parameter inside the flat vector w."""
-    d, h, c = sizes
-    shapes = {"W1": (d, h), "b1": (h,), "W2": (h, c), "b2": (c,)}
-    layout, start = {}, 0
-    for name, shape in shapes.items():
-        stop = start + int(np.prod(shape))
-        layout[name] = (start, stop, shape)
-        start = stop
-    return layout
-
-
-def loss_expression(sizes: tuple[int, int, int] = SIZES) -> str:
-    """The mean softmax cross-entropy of the MLP as a hessd expression.
-
-    Inputs: w (num_params(sizes),); constants X (N, d) and Y (N, c) one-hot. Output: scalar.
-    """
-    lines = []
-    for name, (start, stop, shape) in param_layout(sizes).items():
-        piece = f"w[{start}:{stop}]"
-        lines.append(
-            f"{name} = reshape({piece}, {shape})" if len(shape) > 1 else f"{name} = {piece}"
-        )
-    lines.append("logits = tanh(X @ W1 + b1) @ W2 + b2")
-    lines.append("mean(logsumexp(logits, axis=1) - sum(logits * Y, axis=1))")
-    return "\n".join(lines)
-
-
-def loss_and_logits(
-    w: jax.Array, x: jax.Array, y: jax.Array, sizes: tuple[int, int, int] = SIZES
-) -> tuple[jax.Array, jax.Array]:
-    """The same loss as loss_expression in JAX: w (n,), x (N, d), y (N, c) -> ((), (N, c))."""
-    p = {name: w[a:b].reshape(shape) for name, (a, b, shape) in param_layout(sizes).items()}
-    logits = jnp.tanh(x @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]
-    loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.sum(logits * y, axis=1))
-    return loss, logits
-
-
-def init_params(seed: int, sizes: tuple[int, int, int] = SIZES) -> jax.Array:
-    """LeCun-normal weights (variance 1/fan_in) and zero biases, flat: (num_params(sizes),)."""
-    d, h, c = sizes
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    return jnp.concatenate(
-        [
-            jax.random.normal(k1, (d * h,)) / np.sqrt(d),
-            jnp.zeros(h),
-            jax.random.normal(k2, (h * c,)) / np.sqrt(h),
-            jnp.zeros(c),
-        ]
-    )
+# Adam's (w, first moment, second moment, step count).
+AdamState = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
 def train(
@@ -116,7 +54,7 @@ def train(
     steps: tuple[int, ...] = CHECKPOINT_STEPS,
     lr: float = 1e-3,
     seed: int = 0,
-    sizes: tuple[int, int, int] = SIZES,
+    sizes: tuple[int, ...] = SIZES,
 ) -> tuple[np.ndarray, list[dict]]:
     """Full-batch Adam on the mean cross-entropy, float32, from init_params(seed).
 
@@ -127,7 +65,7 @@ def train(
     x, y = jnp.asarray(x), jnp.asarray(y)
     value_and_grad = jax.value_and_grad(lambda w: loss_and_logits(w, x, y, sizes)[0])
 
-    def adam_step(_, state):
+    def adam_step(_: jax.Array, state: AdamState) -> AdamState:
         w, m, v, t = state
         g = value_and_grad(w)[1]
         t = t + 1
@@ -140,7 +78,7 @@ def train(
     run = jax.jit(lambda state, n: lax.fori_loop(0, n, adam_step, state))
 
     @jax.jit
-    def evaluate(w):
+    def evaluate(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         loss, logits = loss_and_logits(w, x, y, sizes)
         accuracy = jnp.mean(jnp.argmax(logits, axis=1) == jnp.argmax(y, axis=1))
         return loss, accuracy, jnp.linalg.norm(value_and_grad(w)[1])
@@ -171,7 +109,7 @@ def write_outputs(
     checkpoints: np.ndarray,
     records: list[dict],
     settings: dict,
-    sizes: tuple[int, int, int] = SIZES,
+    sizes: tuple[int, ...] = SIZES,
 ) -> None:
     """spec.json, X.npy, Y.npy, checkpoints.npy (c, n) and steps.json into `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -184,9 +122,9 @@ def write_outputs(
         "constants": {"X": "X.npy", "Y": "Y.npy"},
         "dtype": "float32",
     }
-    (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    write_json(out / "spec.json", spec)
     steps = {"settings": settings, "checkpoints": records}
-    (out / "steps.json").write_text(json.dumps(steps, indent=2) + "\n")
+    write_json(out / "steps.json", steps)
 
 
 def plot_checkpoints(spectrum: pathlib.Path, steps: pathlib.Path, png: pathlib.Path) -> None:
@@ -259,7 +197,7 @@ def plot_checkpoints(spectrum: pathlib.Path, steps: pathlib.Path, png: pathlib.P
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--out", type=pathlib.Path, default=DIGITS_RESULTS, help="output folder")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import pathlib
 import platform
-import statistics
-import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +25,8 @@ import numpy as np
 
 from hessd.client import Client
 
-from _server import start_server
+from _servers import start_server
+from _timing import timed, write_json
 
 WORKLOADS = [
     # (kind, n, batch)
@@ -37,18 +36,8 @@ WORKLOADS = [
 EXPRESSION = "sum(tanh(A @ x)**2)"
 
 
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up: compile, first transfer
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def in_process(kind: str, a: np.ndarray):
-    def f(x):
+def in_process(kind: str, a: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    def f(x: jax.Array) -> jax.Array:
         return jnp.sum(jnp.tanh(a @ x) ** 2)
 
     transform = {"gradient": jax.grad, "hessian": jax.hessian}[kind](f)
@@ -81,8 +70,8 @@ def main() -> None:
                     {
                         "workload": f"{kind} n={n} batch={batch}",
                         "output_MB": out_bytes / 1e6,
-                        "service_ms": 1e3 * statistics.median(service),
-                        "in_process_ms": 1e3 * statistics.median(local),
+                        "service_ms": 1e3 * service.median,
+                        "in_process_ms": 1e3 * local.median,
                     }
                 )
                 rows[-1]["ratio"] = rows[-1]["service_ms"] / rows[-1]["in_process_ms"]
@@ -98,7 +87,6 @@ def main() -> None:
             f"{r['workload']:<28}{r['output_MB']:>8.1f}{r['service_ms']:>12.2f}"
             f"{r['in_process_ms']:>12.2f}{r['ratio']:>8.2f}"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "backend": backend,
         "device": info["devices"][0]["kind"],
@@ -107,7 +95,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "repeats": args.repeats,
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_json(out, {"meta": meta, "rows": rows})
     print(f"wrote {out}")
 
 

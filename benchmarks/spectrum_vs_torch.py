@@ -29,19 +29,18 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
 import numpy as np
 import torch
 
-from hessd.client import Client
+from hessd.client import Client, Function
 
-from _server import start_server
-from digits_mlp import DEFAULT_OUT, SIZES, loss_expression, num_params, param_layout
+from _models import DIGITS_RESULTS, SIZES, loss_expression, num_params, param_layout
+from _servers import start_server
+from _timing import timed, write_json
 
 K = 10
 # PyHessian's defaults for hessian.eigenvalues(maxIter=100, tol=1e-3).
@@ -144,17 +143,6 @@ def dense_eigenvalues(loss: Callable, w: torch.Tensor) -> np.ndarray:
     return np.linalg.eigvalsh(hessian.double().numpy())
 
 
-def timed(fn: Callable, repeats: int) -> tuple[float, object]:
-    """(median seconds over `repeats` calls after one warm-up call, the last result)."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def compare(top: np.ndarray, exact_top: np.ndarray) -> tuple[float, float]:
     """(max |Δλ|, max |Δλ| / |λ_exact|) of the k largest, both sorted descending: (k,)."""
     error = np.abs(np.sort(top)[::-1] - exact_top)
@@ -162,7 +150,13 @@ def compare(top: np.ndarray, exact_top: np.ndarray) -> tuple[float, float]:
 
 
 def run_checkpoint(
-    client: Client, f, w: np.ndarray, x: np.ndarray, y: np.ndarray, step: int, args
+    client: Client,
+    f: Function,
+    w: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    step: int,
+    args: argparse.Namespace,
 ) -> tuple[list[dict], dict]:
     """Every method at one checkpoint w (n,): the table rows and what the checkpoint is."""
     n = w.shape[0]
@@ -170,16 +164,19 @@ def run_checkpoint(
     loss = torch_loss()
     products = torch_hvps(w_t, x_t, y_t)
     probe = torch.randn(n, generator=torch.Generator().manual_seed(1))
-    hvp_seconds = {name: timed(lambda h=h: h(probe), 50)[0] for name, h in products.items()}
+    hvp_seconds = {name: timed(lambda h=h: h(probe), 50).median for name, h in products.items()}
     # PyHessian's product, and the faster of the two here (see hvp_ms in the JSON).
     hvp = products[TORCH_HVP]
 
-    seconds, exact = timed(lambda: client.spectrum(f, w[None], "exact"), args.repeats)
+    exact_run = timed(lambda: client.spectrum(f, w[None], "exact"), args.repeats)
+    exact = exact_run.result
     exact_values = exact.eigenvalues[0].astype(np.float64)
     exact_top = exact_values[::-1][:K]
     rows = []
 
-    def add(method: str, seconds: float | None, hvps: int | str, top: np.ndarray, note: str = ""):
+    def add(
+        method: str, seconds: float | None, hvps: int | str, top: np.ndarray, note: str = ""
+    ) -> None:
         abs_err, rel_err = compare(top, exact_top)
         rows.append(
             {
@@ -195,33 +192,46 @@ def run_checkpoint(
         )
 
     for steps in args.lanczos_steps:
-        seconds_l, result = timed(
+        run = timed(
             lambda s=steps: client.spectrum(f, w[None], "lanczos", k=K, num_steps=s),
             args.repeats,
         )
         add(
             f"hessd lanczos m={steps}",
-            seconds_l,
+            run.median,
             steps,
-            result.eigenvalues[0, K:],
-            f"max Ritz residual {result.residuals[0, K:].max():.2e}",
+            run.result.eigenvalues[0, K:],
+            f"max Ritz residual {run.result.residuals[0, K:].max():.2e}",
         )
     for steps in args.lanczos_steps:
-        seconds_l, ritz = timed(lambda s=steps: lanczos(hvp, n, s, args.seed), args.repeats)
-        add(f"torch lanczos m={steps}", seconds_l, steps, ritz[-K:])
+        run = timed(lambda s=steps: lanczos(hvp, n, s, args.seed), args.repeats)
+        add(f"torch lanczos m={steps}", run.median, steps, run.result[-K:])
     for label, max_iter, tol in (
         ("torch power (PyHessian)", PYHESSIAN_MAX_ITER, PYHESSIAN_TOL),
         ("torch power tol=1e-6", args.tight_max_iter, 1e-6),
     ):
-        seconds_p, (found, count) = timed(
+        run = timed(
             lambda m=max_iter, t=tol: power_iteration(hvp, n, K, args.seed, m, t), args.repeats
         )
+        found, count = run.result
         negative = int((found < 0).sum())
         note = f"{negative} of the {K} found are negative (largest |λ|)" if negative else ""
-        add(f"{label} it≤{max_iter}", seconds_p, count, found, note)
-    add("hessd exact (reference)", seconds, f"n={n}", exact_top, "float32 eigh on the server")
-    seconds_d, dense = timed(lambda: dense_eigenvalues(loss_of(loss, x_t, y_t), w_t), args.repeats)
-    add("torch dense + eigvalsh", seconds_d, f"n={n}", dense[-K:], "float32 H, float64 eigvalsh")
+        add(f"{label} it≤{max_iter}", run.median, count, found, note)
+    add(
+        "hessd exact (reference)",
+        exact_run.median,
+        f"n={n}",
+        exact_top,
+        "float32 eigh on the server",
+    )
+    run = timed(lambda: dense_eigenvalues(loss_of(loss, x_t, y_t), w_t), args.repeats)
+    add(
+        "torch dense + eigvalsh",
+        run.median,
+        f"n={n}",
+        run.result[-K:],
+        "float32 H, float64 eigvalsh",
+    )
     dense64 = dense_eigenvalues(loss_of(loss, x_t.double(), y_t.double()), w_t.double())
     add(
         "torch dense f64 (untimed)",
@@ -252,7 +262,9 @@ def loss_of(loss: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_OUT, help="digits_mlp's --out")
+    parser.add_argument(
+        "--data", type=pathlib.Path, default=DIGITS_RESULTS, help="digits_mlp's --out"
+    )
     parser.add_argument(
         "--checkpoints",
         type=int,
@@ -338,9 +350,7 @@ def main() -> None:
         "hessd_ms": "Client.spectrum wall time, RPC and transfer included; X and Y registered once",
         "pyhessian": {"max_iter": PYHESSIAN_MAX_ITER, "tol": PYHESSIAN_TOL},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "checkpoints": infos, "rows": rows}
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.out, {"meta": meta, "checkpoints": infos, "rows": rows})
     print(f"wrote {args.out}")
 
 

@@ -24,11 +24,8 @@ in-process (np.asarray(jit(hvp)(...))) and writes benchmarks/results/training_pi
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,30 +33,21 @@ import numpy as np
 
 from hessd.client import Client
 
-from _server import start_server
-from digits_mlp import init_params, load_data, loss_and_logits, num_params
+from _models import init_params, load_data, loss_and_logits, loss_expression, num_params
+from _servers import start_server
+from _timing import timed, write_json
 
 OUT = pathlib.Path(__file__).parent / "results" / "training_pipeline.json"
 
 
-def example_loss(w, x, y):
+def example_loss(w: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
     """Cross-entropy of one example: w (1210,), x (64,), y (10,) one-hot -> ()."""
     return loss_and_logits(w, x[None], y[None])[0]
 
 
-def batch_loss(w, x, y):
+def batch_loss(w: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
     """Mean cross-entropy of a minibatch: w (1210,), x (B, 64), y (B, 10) -> ()."""
     return loss_and_logits(w, x, y)[0]
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -120,11 +108,11 @@ def main() -> None:
             )
             service_export = timed(
                 lambda: c.hvp(minibatch, points, v, shared=["x", "y"]), args.repeats
-            )
+            ).median
             service_expr = timed(
                 lambda: c.hvp(expression, points, v, shared=["x", "y"]), args.repeats
-            )
-            local = timed(lambda: np.asarray(hvp(w, x, y, v[0])), args.repeats)
+            ).median
+            local = timed(lambda: np.asarray(hvp(w, x, y, v[0])), args.repeats).median
             np.testing.assert_allclose(
                 c.hvp(expression, points, v, shared=["x", "y"])[0],
                 hvp(w, x, y, v[0]),
@@ -142,23 +130,17 @@ def main() -> None:
     print(f"\nHVP of the minibatch loss (n={n}, batch {args.batch}), median of {args.repeats}:")
     for name, ms in timing.items():
         print(f"  {name:<24}{ms:>8.2f} ms   ratio {ms / timing['in_process_ms']:.2f}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "jax": jax.__version__,
         "python": platform.python_version(),
         "backend": jax.default_backend(),
     }
-    OUT.write_text(
-        json.dumps({"meta": meta, "args": vars(args), "checkpoints": rows, "hvp": timing}, indent=2)
-        + "\n"
-    )
+    write_json(OUT, {"meta": meta, "args": vars(args), "checkpoints": rows, "hvp": timing})
     print(f"wrote {OUT}")
 
 
 def _expression() -> str:
     """The minibatch loss as a hessd expression over w, x (batch, 64), y (batch, 10)."""
-    from digits_mlp import loss_expression
-
     return loss_expression().replace("X @", "x @").replace("* Y", "* y")
 
 
