@@ -1,0 +1,204 @@
+"""Measuring one workload of throughput.py three ways, interleaved: through the service,
+in-process, and on the transport floor (plus its torch.func twins); and the single-point
+gradient at concurrency 64 against raw unary calls in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+
+from hessd.client import AsyncClient, Client
+
+from _timing import cpu_seconds, interleaved, median_ms
+from _wire import COMPUTE, Floor, Wire, echo_channel, wire_of
+from _workloads import Workload
+
+__all__ = [
+    "CALLS_PER_ROUND",
+    "CONCURRENCY",
+    "LATENCY_CALLS",
+    "RATIO_TARGET",
+    "SLOW_ROUNDS",
+    "SLOW_SECONDS",
+    "THROUGHPUT_TARGET",
+    "measure",
+    "measure_concurrent",
+    "verdict",
+]
+
+RATIO_TARGET = 1.25
+THROUGHPUT_TARGET = 0.7
+CONCURRENCY = 64
+CALLS_PER_ROUND = 1280  # concurrency-64 rounds: 20 calls per coroutine
+LATENCY_CALLS = 40  # single-point latency: calls per --repeats round
+SLOW_SECONDS, SLOW_ROUNDS = 5.0, 2  # torch.func's vmap(hessian) takes ~15 s a call
+
+
+def check_close(name: str, got: np.ndarray, want: np.ndarray) -> float:
+    """Max |got - want| / max |want|; warns above float32 rounding."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    error = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+    if not error < 1e-4:
+        print(f"warning: {name} differs from in-process JAX by {error:.1e}", file=sys.stderr)
+    return error
+
+
+def verdict(value: float, target: float, lower_is_better: bool) -> str:
+    """ "meets", or by how much `value` misses `target` ("misses by 12%")."""
+    if value <= target if lower_is_better else value >= target:
+        return "meets"
+    miss = value / target - 1 if lower_is_better else 1 - value / target
+    return f"misses by {100 * miss:.0f}%"
+
+
+def measure(
+    w: Workload, client: Client, floor: Floor, servers: Mapping[str, int], rounds: int
+) -> dict[str, Any]:
+    """Service, in-process, floor and torch times of one workload, interleaved.
+
+    The warm-up calls also check the service's and torch's results against in-process
+    JAX. A method whose warm-up took over SLOW_SECONDS runs SLOW_ROUNDS rounds at most.
+    """
+    threshold = client.stream_threshold
+    wire = wire_of(w.function, w.kind, w.points, w.options, threshold)
+    methods: dict[str, Callable[[], object]] = {
+        "in_process": lambda: np.asarray(w.local()),
+        "service": lambda: w.service(client),
+        "floor": lambda: floor.call(wire),
+    }
+    plain = None
+    if w.options.get("packed"):
+        plain = wire_of(w.function, w.kind, w.points, {**w.options, "packed": False}, threshold)
+        methods["floor_plain"] = lambda: floor.call(plain)
+    for name, fn in w.torch.items():
+        methods[f"torch {name}"] = fn
+    warm, errors, reference = {}, {}, None
+    for name, fn in methods.items():
+        start = time.perf_counter()
+        result = fn()
+        warm[name] = time.perf_counter() - start
+        if name == "in_process":
+            reference = result
+        elif not name.startswith("floor"):
+            result = result.numpy() if name.startswith("torch") else result
+            errors[name] = check_close(f"{w.label} ({name})", result, reference)
+        del result
+    del reference
+    base = rounds if w.large else rounds * LATENCY_CALLS
+    repeats = {n: base if s < SLOW_SECONDS else min(base, SLOW_ROUNDS) for n, s in warm.items()}
+    load = os.getloadavg()[0]
+    # The server process each method talks to, for its CPU time.
+    pids = {
+        name: servers["floor" if name.startswith("floor") else "service"]
+        for name in methods
+        if name == "service" or name.startswith("floor")
+    }
+    times, cpu = interleaved(methods, repeats, pids)
+    row = {
+        "name": w.name,
+        "workload": w.label,
+        "transport": "stream" if wire.streamed else "unary",
+        "bytes_in": wire.bytes_in,
+        "bytes_out": wire.bytes_out,
+        "load_1min": load,
+        "repeats": repeats,
+        "max_rel_error": errors,
+        **{f"{name}_ms": median_ms(t) for name, t in times.items()},
+        "cpu_ms_per_call": cpu,
+    }
+    row["ratio"] = row["service_ms"] / (row["in_process_ms"] + row["floor_ms"])
+    if plain is not None:
+        row["plain_bytes_out"] = plain.bytes_out
+        row["ratio_vs_plain_floor"] = row["service_ms"] / (
+            row["in_process_ms"] + row["floor_plain_ms"]
+        )
+    row["target"] = verdict(row["ratio"], RATIO_TARGET, lower_is_better=True) if w.large else "-"
+    if w.torch:
+        fastest = min(row[f"torch {name}_ms"] for name in w.torch)
+        row["service_over_fastest_torch"] = row["service_ms"] / fastest
+    return row
+
+
+async def concurrent_rates(
+    address: str, echo: str, pids: Mapping[str, int], w: Workload, wire: Wire, rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """Per method ("service": AsyncClient against hessd, "floor": raw grpc.aio unary calls
+    against the echo server, pids[method] its server's process): requests/s and CPU µs per
+    call of the client process and of the server process, with CONCURRENCY calls in flight,
+    CALLS_PER_ROUND calls per round, rounds alternated."""
+
+    async def closed_loop(call: Callable[[], Awaitable[object]], server_pid: int) -> dict:
+        remaining = CALLS_PER_ROUND
+
+        async def caller() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                await call()
+
+        client_cpu, server_cpu = cpu_seconds(), cpu_seconds(server_pid)
+        start = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+        seconds = time.perf_counter() - start
+        return {
+            "per_s": CALLS_PER_ROUND / seconds,
+            "client_cpu_us": 1e6 * (cpu_seconds() - client_cpu) / CALLS_PER_ROUND,
+            "server_cpu_us": 1e6 * (cpu_seconds(server_pid) - server_cpu) / CALLS_PER_ROUND,
+        }
+
+    async with (
+        AsyncClient(address, timeout=600) as client,
+        echo_channel(echo, grpc.aio) as channel,
+    ):
+        unary = channel.unary_unary(COMPUTE)
+        methods = {
+            "service": lambda: client.compute(w.function, w.kind, w.points, **w.options),
+            "floor": lambda: unary(wire.request[0], metadata=wire.metadata, timeout=600),
+        }
+        found: dict[str, dict[str, list[float]]] = {
+            name: collections.defaultdict(list) for name in methods
+        }
+        for name, call in methods.items():
+            await closed_loop(call, pids[name])  # warm-up
+        for _ in range(rounds):
+            for name, call in methods.items():
+                for key, value in (await closed_loop(call, pids[name])).items():
+                    found[name][key].append(value)
+    return found
+
+
+def measure_concurrent(
+    w: Workload, address: str, echo: str, pids: Mapping[str, int], threshold: int, rounds: int
+) -> dict[str, Any]:
+    """The single-point workload `w` at CONCURRENCY calls in flight: requests/s of the
+    service against the raw unary rate of the same bytes, medians over `rounds`."""
+    wire = wire_of(w.function, w.kind, w.points, w.options, threshold)
+    load = os.getloadavg()[0]
+    found = asyncio.run(concurrent_rates(address, echo, pids, w, wire, rounds))
+    row = {
+        "name": w.name,
+        "workload": f"{w.label}, {CONCURRENCY} in flight",
+        "transport": "unary",
+        "bytes_in": wire.bytes_in,
+        "bytes_out": wire.bytes_out,
+        "load_1min": load,
+        "repeats": rounds,
+        "calls_per_round": CALLS_PER_ROUND,
+        **{
+            f"{name}_{key}": statistics.median(values)
+            for name, measured in found.items()
+            for key, values in measured.items()
+        },
+    }
+    row["ratio"] = row["service_per_s"] / row["floor_per_s"]
+    row["target"] = verdict(row["ratio"], THROUGHPUT_TARGET, lower_is_better=False)
+    return row
