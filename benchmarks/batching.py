@@ -31,7 +31,8 @@ from hessd.proto.v1 import hessd_pb2
 from hessd.service import kinds
 from hessd.service.batcher import Batcher
 from hessd.service.engine import Engine
-from hessd.service.program import build_program
+from hessd.service.program import Program, build_program
+from hessd.service.server import enable_x64
 
 EXPRESSION = "sum(tanh(A @ x)**2)"
 SIZES = (8, 256)
@@ -41,7 +42,7 @@ ENGINE_BATCHES = (1, 4, 16, 64, 256)
 MAX_SIZE = 64
 
 
-def gradient_program(n: int, rng: np.random.Generator):
+def gradient_program(n: int, rng: np.random.Generator) -> tuple[Program, kinds.Request]:
     a = (rng.normal(size=(n, n)) / np.sqrt(n)).astype(np.float32)
     spec = hessd_pb2.FunctionSpec(
         expression=hessd_pb2.Expression(source=EXPRESSION),
@@ -52,7 +53,14 @@ def gradient_program(n: int, rng: np.random.Generator):
     return program, kinds.make_request(program, kinds.Kind.GRADIENT)
 
 
-def engine_cost(engine, program, request, n, rng, repeats=50) -> list[dict]:
+def engine_cost(
+    engine: Engine,
+    program: Program,
+    request: kinds.Request,
+    n: int,
+    rng: np.random.Generator,
+    repeats: int = 50,
+) -> list[dict]:
     """Median time of one engine.run by batch size (executables already compiled)."""
     rows = []
     for batch in ENGINE_BATCHES:
@@ -68,7 +76,15 @@ def engine_cost(engine, program, request, n, rng, repeats=50) -> list[dict]:
     return rows
 
 
-def load(batcher, program, request, n, concurrency, seconds, rng) -> dict:
+def load(
+    batcher: Batcher,
+    program: Program,
+    request: kinds.Request,
+    n: int,
+    concurrency: int,
+    seconds: float,
+    rng: np.random.Generator,
+) -> dict:
     """`concurrency` threads issuing one-point requests for `seconds`; latencies in s."""
     points = rng.normal(size=(concurrency, 64, 1, n)).astype(np.float32)
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
@@ -108,6 +124,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.8, help="length of each cell")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
+    enable_x64()  # as the server runs the engine
     backend = jax.default_backend()
     out = args.out or pathlib.Path(__file__).parent / "results" / f"batching-{backend}.json"
     rng = np.random.default_rng(0)
