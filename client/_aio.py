@@ -7,9 +7,11 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
 from hessd.client import _requests
 from hessd.client._client import (
+    _AboutAFunction,
     _Kinds,
     _with_spec,
 )
@@ -39,7 +41,7 @@ class AsyncClient(_Kinds):
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def server_info(self, *, timeout: float | None = None) -> dict[str, Any]:
@@ -67,7 +69,13 @@ class AsyncClient(_Kinds):
         return _requests.function_of(request, reply, dtype)
 
     async def compute(
-        self, f: Function, kind: str, points: Points, *, timeout: float | None = None, **options
+        self,
+        f: Function,
+        kind: str,
+        points: Points,
+        *,
+        timeout: float | None = None,
+        **options: Any,
     ) -> np.ndarray | dict[str, np.ndarray]:
         call = _requests.compute_request(f, kind, points, **options)
         if max(call.input_bytes, call.output_bytes) <= self.stream_threshold:
@@ -80,7 +88,9 @@ class AsyncClient(_Kinds):
             call.request = _with_spec(call.request, f)
             return await self._streamed(call, timeout)
 
-    async def _streamed(self, call: _requests.ComputeCall, timeout: float | None):
+    async def _streamed(
+        self, call: _requests.ComputeCall, timeout: float | None
+    ) -> np.ndarray | dict[str, np.ndarray]:
         messages = stream.send("compute_request", call.request, call.arrays)
         try:
             replies = self._stub.ComputeStream(messages, **self._call_options(timeout))
@@ -99,13 +109,19 @@ class AsyncClient(_Kinds):
         method: str = "exact",
         *,
         timeout: float | None = None,
-        **options,
+        **options: Any,
     ) -> Spectrum:
         request = _requests.spectrum_request(f, points, method, **options)
         reply = await self._call_on(f, self._stub.Spectrum, request, timeout)
         return _requests.spectrum_result(reply)
 
-    async def _call_on(self, f: Function, method, request, timeout: float | None):
+    async def _call_on(
+        self,
+        f: Function,
+        method: Callable[..., Any],
+        request: _AboutAFunction,
+        timeout: float | None,
+    ) -> Any:
         try:
             return await self._call(method, request, timeout)
         except NotFound:
@@ -113,7 +129,9 @@ class AsyncClient(_Kinds):
                 raise
             return await self._call(method, _with_spec(request, f), timeout)
 
-    async def _call(self, method, request, timeout: float | None):
+    async def _call(
+        self, method: Callable[..., Any], request: Message, timeout: float | None
+    ) -> Any:
         try:
             return await method(request, **self._call_options(timeout))
         except grpc.RpcError as e:

@@ -6,11 +6,13 @@ import abc
 import dataclasses
 import ipaddress
 import json
+import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
 from hessd.client import _requests
 from hessd.client._errors import NotFound, from_rpc_error
@@ -19,6 +21,9 @@ from hessd.proto import stream
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 
 __all__ = ["Client", "Function", "Spectrum"]
+
+# The requests that name a function, and so may carry its spec instead.
+_AboutAFunction = TypeVar("_AboutAFunction", hessd_pb2.ComputeRequest, hessd_pb2.SpectrumRequest)
 
 # Above this, requests and results stream in chunks; measured: gRPC Python moves a 1 MiB
 # message in ~2 ms and larger ones at a lower rate (DESIGN.md).
@@ -96,7 +101,7 @@ class Connection:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
-    def open(self, api):
+    def open(self, api: types.ModuleType) -> grpc.Channel | grpc.aio.Channel:
         """A channel from `api`, grpc or grpc.aio (they share these two functions)."""
         credentials, address = self.credentials(), self.address()
         if credentials is None:
@@ -104,7 +109,7 @@ class Connection:
         return api.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
-def _with_spec(request, f: Function):
+def _with_spec(request: _AboutAFunction, f: Function) -> _AboutAFunction:
     """A copy of `request` that carries f's spec instead of its id."""
     inline = type(request)()
     inline.CopyFrom(request)
@@ -133,7 +138,7 @@ class _Kinds(abc.ABC):
         *,
         timeout: float | None = 30.0,
         stream_threshold: int = STREAM_THRESHOLD,
-        **connection,
+        **connection: Any,
     ):
         self.connection = Connection(target, **connection)
         self.timeout = timeout
@@ -149,49 +154,54 @@ class _Kinds(abc.ABC):
         }
 
     @abc.abstractmethod
-    def compute(self, f: Function, kind: str, points: Points, **options):
+    def compute(self, f: Function, kind: str, points: Points, **options: Any) -> Any:
         """The call every kind goes through: sync in Client, a coroutine in AsyncClient."""
 
-    def value(self, f: Function, points: Points, **options) -> np.ndarray:
+    def value(self, f: Function, points: Points, **options: Any) -> np.ndarray:
         """f at every point: (batch, *output_shape)."""
         return self.compute(f, "value", points, **options)
 
-    def gradient(self, f: Function, points: Points, **options) -> np.ndarray:
+    def gradient(self, f: Function, points: Points, **options: Any) -> np.ndarray:
         """∇f of a scalar f: (batch, *wrt_shape); with several wrt, a dict by input."""
         return self.compute(f, "gradient", points, **options)
 
     def jacobian(
-        self, f: Function, points: Points, mode: str = "auto", layout: str = "numerator", **options
+        self,
+        f: Function,
+        points: Points,
+        mode: str = "auto",
+        layout: str = "numerator",
+        **options: Any,
     ) -> np.ndarray:
         """(batch, *output_shape, *wrt_shape); layout="denominator": (batch, *wrt, *out)."""
         return self.compute(f, "jacobian", points, mode=mode, layout=layout, **options)
 
     def hessian(
-        self, f: Function, points: Points, layout: str = "numerator", **options
+        self, f: Function, points: Points, layout: str = "numerator", **options: Any
     ) -> np.ndarray:
         """(batch, *output_shape, *wrt_shape, *wrt_shape); denominator puts output axes last.
         With several wrt, a dict of blocks keyed "a,b"."""
         return self.compute(f, "hessian", points, layout=layout, **options)
 
-    def hvp(self, f: Function, points: Points, v: Any, **options) -> np.ndarray:
+    def hvp(self, f: Function, points: Points, v: Any, **options: Any) -> np.ndarray:
         """H v of a scalar f, v (batch, *wrt_shape): (batch, *wrt_shape)."""
         return self.compute(f, "hvp", points, vector=v, **options)
 
-    def jvp(self, f: Function, points: Points, t: Any, **options) -> np.ndarray:
+    def jvp(self, f: Function, points: Points, t: Any, **options: Any) -> np.ndarray:
         """J t, t (batch, *wrt_shape): (batch, *output_shape)."""
         return self.compute(f, "jvp", points, vector=t, **options)
 
-    def vjp(self, f: Function, points: Points, u: Any, **options) -> np.ndarray:
+    def vjp(self, f: Function, points: Points, u: Any, **options: Any) -> np.ndarray:
         """uᵀ J, u (batch, *output_shape): (batch, *wrt_shape)."""
         return self.compute(f, "vjp", points, vector=u, **options)
 
-    def taylor2(self, f: Function, points: Points, **options) -> dict[str, np.ndarray]:
+    def taylor2(self, f: Function, points: Points, **options: Any) -> dict[str, np.ndarray]:
         """Value (batch,), gradient (batch, *in) and Hessian (batch, *in, *in) of a scalar f
         from one pass: the second-order Taylor model f(x+δ) ≈ f + ∇fᵀδ + ½ δᵀHδ."""
         return self.compute(f, "taylor2", points, **options)
 
     def taylor(
-        self, f: Function, points: Points, direction: Any, order: int, **options
+        self, f: Function, points: Points, direction: Any, order: int, **options: Any
     ) -> np.ndarray:
         """d^k/dt^k f(x + t d) at t = 0 for k = 1..order, d (batch, *in) per point:
         (batch, order, *output_shape). Then f(x + t d) ≈ f(x) + Σ_k t^k / k! · result[:, k-1]."""
@@ -227,7 +237,7 @@ class Client(_Kinds):
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def server_info(self, *, timeout: float | None = None) -> dict[str, Any]:
@@ -269,7 +279,13 @@ class Client(_Kinds):
         return _requests.function_of(request, reply, dtype)
 
     def compute(
-        self, f: Function, kind: str, points: Points, *, timeout: float | None = None, **options
+        self,
+        f: Function,
+        kind: str,
+        points: Points,
+        *,
+        timeout: float | None = None,
+        **options: Any,
     ) -> np.ndarray | dict[str, np.ndarray]:
         """The general call behind value … taylor: `kind` is one of those method names;
         options are theirs (vector, wrt, mode, layout, order, flatten, shared) and
@@ -290,7 +306,9 @@ class Client(_Kinds):
             call.request = _with_spec(call.request, f)
             return self._streamed(call, timeout)
 
-    def _streamed(self, call: _requests.ComputeCall, timeout: float | None):
+    def _streamed(
+        self, call: _requests.ComputeCall, timeout: float | None
+    ) -> np.ndarray | dict[str, np.ndarray]:
         messages = stream.send("compute_request", call.request, call.arrays)
         try:
             replies = self._stub.ComputeStream(messages, **self._call_options(timeout))
@@ -306,7 +324,7 @@ class Client(_Kinds):
         method: str = "exact",
         *,
         timeout: float | None = None,
-        **options,
+        **options: Any,
     ) -> Spectrum:
         """The Hessian's spectrum at every point of a scalar f (see the README).
 
@@ -319,7 +337,13 @@ class Client(_Kinds):
         request = _requests.spectrum_request(f, points, method, **options)
         return _requests.spectrum_result(self._call_on(f, self._stub.Spectrum, request, timeout))
 
-    def _call_on(self, f: Function, method, request, timeout: float | None):
+    def _call_on(
+        self,
+        f: Function,
+        method: Callable[..., Any],
+        request: _AboutAFunction,
+        timeout: float | None,
+    ) -> Any:
         """Call about f; if the server does not know f (restarted, or another replica), call
         once more with f's spec inline, which registers it on whichever replica answers.
         Ids are content-addressed, so f.id stays valid everywhere."""
@@ -330,7 +354,7 @@ class Client(_Kinds):
                 raise
             return self._call(method, _with_spec(request, f), timeout)
 
-    def _call(self, method, request, timeout: float | None):
+    def _call(self, method: Callable[..., Any], request: Message, timeout: float | None) -> Any:
         try:
             return method(request, **self._call_options(timeout))
         except grpc.RpcError as e:

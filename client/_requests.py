@@ -122,7 +122,9 @@ def register_request(
     return hessd_pb2.RegisterRequest(spec=spec, warmup_batch_sizes=list(warmup), warmup_kinds=kinds)
 
 
-def function_of(request: hessd_pb2.RegisterRequest, reply, dtype: np.dtype) -> Function:
+def function_of(
+    request: hessd_pb2.RegisterRequest, reply: hessd_pb2.RegisterResponse, dtype: np.dtype
+) -> Function:
     return Function(
         id=reply.function_id,
         inputs={s.name: tuple(s.shape) for s in request.spec.inputs},
@@ -152,16 +154,20 @@ class ComputeCall:
             tensor.data = codec.little_endian(array).tobytes()
         return self.request
 
-    def result(self, reply: Any, buffers: Sequence[Any] | None = None) -> Any:
+    def result(
+        self, reply: hessd_pb2.ComputeResponse, buffers: Sequence[memoryview] | None = None
+    ) -> np.ndarray | dict[str, np.ndarray]:
         """The reply's arrays; `buffers` holds the bytes of a streamed reply."""
         named = stream.tensors(reply)
-        data = buffers if buffers is not None else [None] * len(named)
+        data: Sequence[memoryview | None] = buffers if buffers is not None else [None] * len(named)
         # A writable copy would double the memory of a large result; the view is read-only.
         arrays = {
             what: codec.decode(tensor, what, buffer)
             for (what, tensor), buffer in zip(named, data, strict=True)
         }
-        result = arrays["output"] if list(arrays) == ["output"] else arrays
+        result: np.ndarray | dict[str, np.ndarray] = (
+            arrays["output"] if list(arrays) == ["output"] else arrays
+        )
         if self.unpack is not None:
             assert isinstance(result, np.ndarray)  # packed: one Hessian of a scalar function
             result = _unpack(result, self.unpack)
@@ -358,7 +364,11 @@ def _option(enum_type: type[E], value: str, name: str) -> E:
 
 
 def _encode_points(
-    f: Function, points: Points, shared: Sequence[str], request, data: bool = False
+    f: Function,
+    points: Points,
+    shared: Sequence[str],
+    request: hessd_pb2.ComputeRequest | hessd_pb2.SpectrumRequest,
+    data: bool = False,
 ) -> tuple[list[np.ndarray], int | None]:
     """Check `points` against f's inputs and describe them in request.inputs (with their
     bytes if `data`); return the arrays in order and the batch size (None if all shared)."""

@@ -112,7 +112,9 @@ def nbytes(tensor: hessd_pb2.Tensor, what: str = "tensor") -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def decode(tensor: hessd_pb2.Tensor, what: str = "tensor", data=None) -> np.ndarray:
+def decode(
+    tensor: hessd_pb2.Tensor, what: str = "tensor", data: bytes | memoryview | None = None
+) -> np.ndarray:
     """A numpy view of the tensor's bytes, shaped; TensorError if they disagree.
 
     `what` names the tensor in messages ("input 'x'"). `data` (a buffer) stands in for

@@ -9,19 +9,23 @@ the arrays plus a chunk in flight.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal, overload
 
 import numpy as np
 
 from hessd.proto import codec
 from hessd.proto.v1 import hessd_pb2
 
-__all__ = ["CHUNK_BYTES", "receive", "send", "tensors"]
+__all__ = ["CHUNK_BYTES", "Header", "receive", "send", "tensors"]
 
 # gRPC Python moves ~1 MiB messages about 4x faster than one large message (DESIGN.md).
 CHUNK_BYTES = 1 << 20
 
+# The messages a stream starts with: its header, whose tensors' bytes follow in chunks.
+Header = hessd_pb2.ComputeRequest | hessd_pb2.ComputeResponse
 
-def tensors(message) -> list[tuple[str, hessd_pb2.Tensor]]:
+
+def tensors(message: Header) -> list[tuple[str, hessd_pb2.Tensor]]:
     """The (name, Tensor) fields of a ComputeRequest or ComputeResponse, in stream order."""
     if isinstance(message, hessd_pb2.ComputeRequest):
         named = [(f"input {t.name!r}", t.tensor) for t in message.inputs]
@@ -30,18 +34,42 @@ def tensors(message) -> list[tuple[str, hessd_pb2.Tensor]]:
     return named + [(t.name, t.tensor) for t in message.outputs]
 
 
-def send(field: str, header, arrays: Sequence[np.ndarray]) -> Iterator[hessd_pb2.StreamMessage]:
+@overload
+def send(
+    field: Literal["compute_request"],
+    header: hessd_pb2.ComputeRequest,
+    arrays: Sequence[np.ndarray],
+) -> Iterator[hessd_pb2.StreamMessage]: ...
+@overload
+def send(
+    field: Literal["compute_response"],
+    header: hessd_pb2.ComputeResponse,
+    arrays: Sequence[np.ndarray],
+) -> Iterator[hessd_pb2.StreamMessage]: ...
+def send(
+    field: str, header: Header, arrays: Sequence[np.ndarray]
+) -> Iterator[hessd_pb2.StreamMessage]:
     """The header (its tensors' data empty) under `field`, then every array's bytes."""
-    yield hessd_pb2.StreamMessage(**{field: header})
+    # The overloads pair each field with its message type, which a str key cannot carry.
+    first: dict[str, Any] = {field: header}
+    yield hessd_pb2.StreamMessage(**first)
     for array in arrays:
         flat = codec.little_endian(array).reshape(-1).view(np.uint8)
         for start in range(0, flat.size, CHUNK_BYTES):
             yield hessd_pb2.StreamMessage(data=flat[start : start + CHUNK_BYTES].tobytes())
 
 
+@overload
+def receive(
+    messages: Iterable[hessd_pb2.StreamMessage], field: Literal["compute_request"], max_bytes: int
+) -> tuple[hessd_pb2.ComputeRequest, list[memoryview]]: ...
+@overload
+def receive(
+    messages: Iterable[hessd_pb2.StreamMessage], field: Literal["compute_response"], max_bytes: int
+) -> tuple[hessd_pb2.ComputeResponse, list[memoryview]]: ...
 def receive(
     messages: Iterable[hessd_pb2.StreamMessage], field: str, max_bytes: int
-) -> tuple[object, list[memoryview]]:
+) -> tuple[Header, list[memoryview]]:
     """(header, one buffer per tensor of the header, in order) from a stream.
 
     LimitExceeded for a stream that declares more than `max_bytes` in all (checked before

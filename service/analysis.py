@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from hessd.proto.kinds import Method, PointClass, TraceEstimator, spectrum_shapes
 from hessd.service import spectral
@@ -129,17 +130,17 @@ class SpectrumRequest(EngineRequest):
         shape = self.wrt.shape(program)
         n = math.prod(shape)
 
-        def g(*inputs):
+        def g(*inputs: jax.Array) -> dict[str, jax.Array]:
             f_x, x = self.wrt.view(program, fn, inputs)
             x = x.reshape(n)
 
-            def f_flat(z):
+            def f_flat(z: jax.Array) -> jax.Array:
                 return f_x(z.reshape(shape))
 
             grad = jax.grad(f_flat)(x)
             result = {"gradient_norm": jnp.linalg.norm(grad)}
 
-            def hvp(v):
+            def hvp(v: jax.Array) -> jax.Array:
                 return jax.jvp(jax.grad(f_flat), (x,), (v,))[1]
 
             # The wire's seed is a uint64; JAX's is an int64: the same 64 bits.
@@ -169,14 +170,18 @@ class SpectrumRequest(EngineRequest):
 
         return g
 
-    def _exact(self, f_flat, x) -> dict:
+    def _exact(
+        self, f_flat: Callable[[jax.Array], jax.Array], x: jax.Array
+    ) -> dict[str, jax.Array]:
         hessian = jax.hessian(f_flat)(x)
         if self.eigenvectors:
             values, vectors = jnp.linalg.eigh(hessian)
             return {"eigenvalues": values, "eigenvectors": vectors}
         return {"eigenvalues": jnp.linalg.eigvalsh(hessian)}
 
-    def _lanczos(self, hvp, n, key, dtype) -> dict:
+    def _lanczos(
+        self, hvp: spectral.Matvec, n: int, key: jax.Array, dtype: DTypeLike
+    ) -> dict[str, jax.Array]:
         eigs = spectral.extreme_eigenvalues(
             hvp, n, self.k, key, self.num_steps, eigenvectors=self.eigenvectors, dtype=dtype
         )
@@ -190,12 +195,14 @@ class SpectrumRequest(EngineRequest):
             )
         return result
 
-    def _trace_estimator(self):
+    def _trace_estimator(self) -> Callable[..., spectral.TraceEstimate]:
         if self.estimator is TraceEstimator.HUTCHPP:
             return spectral.hutchpp
         return spectral.hutchinson
 
-    def _density(self, hvp, n, key, dtype) -> dict:
+    def _density(
+        self, hvp: spectral.Matvec, n: int, key: jax.Array, dtype: DTypeLike
+    ) -> dict[str, jax.Array]:
         quadrature = spectral.slq(hvp, n, self.num_probes, self.num_steps, key, dtype=dtype)
         lo, hi = jnp.min(quadrature.nodes), jnp.max(quadrature.nodes)
         if self.sigma is None:
@@ -213,7 +220,9 @@ class SpectrumRequest(EngineRequest):
             "density": density,
         }
 
-    def _classify(self, lo, hi, gradient_norm) -> dict:
+    def _classify(
+        self, lo: jax.Array, hi: jax.Array, gradient_norm: jax.Array
+    ) -> dict[str, jax.Array]:
         """Class and stationarity from the smallest and largest eigenvalue found."""
         dtype = lo.dtype
         root_eps = jnp.sqrt(jnp.finfo(dtype).eps).astype(dtype)

@@ -189,7 +189,14 @@ class Batcher:
         assert caller.result is not None  # the leader sets one of the two
         return caller.result
 
-    def _run_alone(self, program, request, args, points, is_active) -> Output:
+    def _run_alone(
+        self,
+        program: Program,
+        request: EngineRequest,
+        args: Sequence[np.ndarray],
+        points: int,
+        is_active: Callable[[], bool],
+    ) -> Output:
         if not is_active():
             with self._lock:
                 self.stats.dropped += 1

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TypeVar
 
 __all__ = ["ServerConfig"]
 
 MiB = 1 << 20
+_T = TypeVar("_T")
 
 
-def _field(default, help: str):
+def _field(default: _T, help: str) -> _T:
     return dataclasses.field(default=default, metadata={"help": help})
 
 

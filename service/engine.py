@@ -165,7 +165,14 @@ class Engine:
             return request.on_host(chunks[0])
         return request.on_host(jax.tree.map(lambda *parts: np.concatenate(parts), *chunks))
 
-    def _run_chunk(self, program, request, args, batched, max_bucket) -> Output:
+    def _run_chunk(
+        self,
+        program: Program,
+        request: EngineRequest,
+        args: Sequence[np.ndarray],
+        batched: Sequence[bool],
+        max_bucket: int,
+    ) -> Output:
         batch = next(a for a, b in zip(args, batched, strict=True) if b).shape[0]
         bucket = max(bucket_for(batch, max_bucket), len(self.devices))
         if bucket > batch:
@@ -234,7 +241,13 @@ class Engine:
                 self.stats.hits += 1
         return executable
 
-    def _compile(self, program, request, signature, bucket) -> jax.stages.Compiled:
+    def _compile(
+        self,
+        program: Program,
+        request: EngineRequest,
+        signature: Sequence[tuple[tuple[int, ...], np.dtype, bool]],
+        bucket: int,
+    ) -> jax.stages.Compiled:
         start = time.perf_counter()
         transform = request.transform(program)
         avals = [

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import jax
@@ -33,7 +33,8 @@ from jax._src.lib.mlir import ir
 from hessd.proto.kinds import JacobianMode, Kind
 from hessd.proto.v1 import hessd_pb2
 from hessd.service.errors import InvalidArgument, PermissionDenied
-from hessd.service.program import Program, check_inputs, function_id
+from hessd.service.program import InputSignature, Program, check_inputs, function_id
+from hessd.service.variable import FunctionOfVariable
 
 if TYPE_CHECKING:
     from hessd.service.analysis import SpectrumRequest
@@ -180,7 +181,7 @@ def _scan(text: str) -> tuple[set[str], set[str]]:
     ops: set[str] = set()
     targets: set[str] = set()
 
-    def visit(op):
+    def visit(op: ir.Operation | ir.OpView) -> ir.WalkResult:
         op = getattr(op, "operation", op)
         ops.add(op.name)
         if op.name == "stablehlo.custom_call":
@@ -209,7 +210,7 @@ def _check_version(exporter: str) -> None:
         )
 
 
-def _check_signature(artifact, inputs) -> None:
+def _check_signature(artifact: jax.export.Exported, inputs: Sequence[InputSignature]) -> None:
     if len(artifact.in_avals) != len(inputs) or len(artifact.out_avals) != 1:
         raise InvalidArgument(
             f"the artifact takes {len(artifact.in_avals)} inputs and returns "
@@ -243,7 +244,7 @@ def _batched_transform(request: Request, program: ExportProgram) -> Callable[...
     n_inputs = len(program.inputs)
     kind = request.kind
 
-    def g(*args):
+    def g(*args: jax.Array) -> Any:
         batched = next(a for i, a in enumerate(args[:n_inputs]) if i not in request.shared)
         b = batched.shape[0]
         # The artifact is vmap(fn) over every input: give shared ones a batch axis. A
@@ -262,6 +263,7 @@ def _batched_transform(request: Request, program: ExportProgram) -> Callable[...
             case Kind.VJP:
                 result = jax.vjp(f_x, x)[1](vector)[0]
             case Kind.HVP:
+                assert vector is not None  # hvp takes a vector (takes_vector)
                 result = _hvp(f_x, x, vector)
             case Kind.JACOBIAN:
                 result = _jacobian(f_x, x, program.output_shape)
@@ -280,47 +282,47 @@ def _batched_transform(request: Request, program: ExportProgram) -> Callable[...
     return g
 
 
-def _gradient(f_x, x):
+def _gradient(f_x: FunctionOfVariable, x: jax.Array) -> jax.Array:
     """Per-point gradients of a scalar f: (b, *x). The points are independent, so the VJP
     with a cotangent of ones holds each point's own gradient."""
     out, vjp = jax.vjp(f_x, x)
     return vjp(jnp.ones_like(out))[0]
 
 
-def _hvp(f_x, x, v):
+def _hvp(f_x: FunctionOfVariable, x: jax.Array, v: jax.Array) -> jax.Array:
     """Per-point H v, reverse over reverse: the gradient of Σ_b ⟨∇f(x_b), v_b⟩."""
 
-    def directional(x):
+    def directional(x: jax.Array) -> jax.Array:
         return jnp.sum(_gradient(f_x, x) * v)
 
     return jax.grad(directional)(x)
 
 
-def _jacobian(f_x, x, out_shape):
+def _jacobian(f_x: FunctionOfVariable, x: jax.Array, out_shape: tuple[int, ...]) -> jax.Array:
     """(b, *out, *x): one VJP per output element, lax.map over the output basis."""
     m = math.prod(out_shape)
     b = x.shape[0]
     _, vjp = jax.vjp(f_x, x)
 
-    def row(e):
+    def row(e: jax.Array) -> jax.Array:
         return vjp(jnp.broadcast_to(e.reshape(out_shape), (b, *out_shape)))[0]
 
     rows = lax.map(row, jnp.eye(m, dtype=x.dtype))  # (m, b, *x)
     return jnp.moveaxis(rows, 0, 1).reshape(b, *out_shape, *x.shape[1:])
 
 
-def _hessian(f_x, x, out_shape):
+def _hessian(f_x: FunctionOfVariable, x: jax.Array, out_shape: tuple[int, ...]) -> jax.Array:
     """(b, *out, *x, *x): for each output element, the Jacobian of its per-point gradient,
     one reverse pass per element of x, lax.map over both bases."""
     m, n = math.prod(out_shape), math.prod(x.shape[1:])
     b = x.shape[0]
 
-    def gradient_of_component(e):
-        def g(x):
+    def gradient_of_component(e: jax.Array) -> jax.Array:
+        def g(x: jax.Array) -> jax.Array:
             out, vjp = jax.vjp(f_x, x)
             return vjp(jnp.broadcast_to(e.reshape(out_shape), out.shape))[0].reshape(b, n)
 
-        def row(i):
+        def row(i: jax.Array) -> jax.Array:
             return jax.grad(lambda x: jnp.sum(g(x)[:, i]))(x)  # (b, *x)
 
         return lax.map(row, jnp.arange(n))  # (n, b, *x)

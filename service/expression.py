@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy import special
+from jax.typing import ArrayLike
 
 from hessd.service.errors import InvalidArgument
 
@@ -305,12 +306,14 @@ def _check_size(module: ast.Module, lines: list[str], limits: ExpressionLimits) 
         )
 
 
-def _checked_index(index) -> Callable[[Any], Any]:
+def _checked_index(
+    index: int | slice | tuple[int | slice, ...],
+) -> Callable[[ArrayLike], jax.Array]:
     """x[index], refusing integers outside their axis: JAX would clamp them silently
     (x[5] of a (3,) array is x[2]), which is a wrong answer, not an index."""
 
-    def take(x):
-        x = jnp.asarray(x)  # a literal (pi[0]) is a 0-d array: refused below, not an error
+    def take(value: ArrayLike) -> jax.Array:
+        x = jnp.asarray(value)  # a literal (pi[0]) is a 0-d array: refused below, not an error
         items = index if isinstance(index, tuple) else (index,)
         if len(items) > x.ndim:
             raise IndexError(f"{len(items)} indices for an array of {x.ndim} axes {x.shape}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -21,7 +21,7 @@ import numpy as np
 from hessd.proto.kinds import MAX_TAYLOR_ORDER, JacobianMode, Kind, Layout, result_shapes
 from hessd.service.engine import EngineRequest, Output
 from hessd.service.errors import InvalidArgument
-from hessd.service.variable import Wrt
+from hessd.service.variable import FunctionOfVariable, Wrt
 
 if TYPE_CHECKING:
     from hessd.service.program import Program
@@ -107,7 +107,7 @@ class Request(EngineRequest):
         if not self.packs_on_device and self.output_dtype is None:
             return g
 
-        def on_device(*args):
+        def on_device(*args: jax.Array) -> Any:
             # Packing and casting happen before the transfer: that is the point of them.
             return jax.tree.map(self._pack_and_cast, g(*args))
 
@@ -164,7 +164,7 @@ class Request(EngineRequest):
         return self.wrt.blocks(program, result, axes) if self.wrt.split else result
 
 
-def shared_indices(program: Program, names) -> tuple[int, ...]:
+def shared_indices(program: Program, names: Sequence[str]) -> tuple[int, ...]:
     """Sorted positions of the shared inputs; at least one input must stay per point."""
     shared = tuple(sorted(program.indices(names, "shared")))
     if len(shared) == len(program.inputs):
@@ -267,7 +267,7 @@ def per_point_transform(
         return fn
     compute = _AT_A_POINT[request.kind]
 
-    def g(*args):
+    def g(*args: jax.Array) -> Any:
         inputs = args[: len(program.inputs)]
         f_x, x = request.wrt.view(program, fn, inputs)
         result = compute(request, f_x, x, *args[len(program.inputs) :])
@@ -276,15 +276,15 @@ def per_point_transform(
     return g
 
 
-def _jacobian(request, f_x, x):
+def _jacobian(request: Request, f_x: FunctionOfVariable, x: jax.Array) -> jax.Array:
     jac = jax.jacfwd if request.mode is JacobianMode.FORWARD else jax.jacrev
     return jac(f_x)(x)
 
 
-def _taylor2(request, f_x, x):
+def _taylor2(request: Request, f_x: FunctionOfVariable, x: jax.Array) -> dict[str, jax.Array]:
     # jacfwd of value_and_grad: the Hessian's forward passes carry the value and gradient
     # along as aux, so the three come from one traversal instead of three.
-    def grad_with_aux(x):
+    def grad_with_aux(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         value, grad = jax.value_and_grad(f_x)(x)
         return grad, (value, grad)
 
@@ -292,7 +292,7 @@ def _taylor2(request, f_x, x):
     return {"value": value, "gradient": grad, "hessian": hessian}
 
 
-def _taylor(request, f_x, x, d):
+def _taylor(request: Request, f_x: FunctionOfVariable, x: jax.Array, d: jax.Array) -> jax.Array:
     """d^j/dt^j f(x + t d) at t = 0 for j = 1..order, stacked: (order, *out).
 
     Nested JVPs of the scalar-parameter path t -> f(x + t d): each level differentiates
@@ -303,17 +303,19 @@ def _taylor(request, f_x, x, d):
     nested form is the one that is right for every expression.
     """
 
-    def level0(t):
+    def level0(t: jax.Array) -> jax.Array:
         return f_x(x + t * d)[None]
 
-    def differentiated(stack):
-        def next_stack(t):
+    def differentiated(
+        stack: Callable[[jax.Array], jax.Array],
+    ) -> Callable[[jax.Array], jax.Array]:
+        def next_stack(t: jax.Array) -> jax.Array:
             primal, tangent = jax.jvp(stack, (t,), (jnp.ones((), t.dtype),))
             return jnp.concatenate([primal[:1], tangent])
 
         return next_stack
 
-    stack = level0
+    stack: Callable[[jax.Array], jax.Array] = level0
     for _ in range(request.order):
         stack = differentiated(stack)
     return stack(jnp.zeros((), x.dtype))[1:]

@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -179,7 +179,9 @@ MAX_INPUT_AXES = 16
 MAX_POINT_ELEMENTS = 1 << 31
 
 
-def _trace(fn, avals) -> jax.ShapeDtypeStruct:
+def _trace(
+    fn: Callable[..., jax.Array], avals: Sequence[jax.ShapeDtypeStruct]
+) -> jax.ShapeDtypeStruct:
     """The output of fn at avals, with every intermediate of one point checked against
     MAX_POINT_ELEMENTS; InvalidArgument for anything that cannot be traced."""
     with warnings.catch_warnings():
@@ -202,7 +204,7 @@ def _trace(fn, avals) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(out.shape, out.dtype)
 
 
-def check_inputs(specs) -> tuple[InputSignature, ...]:
+def check_inputs(specs: Sequence[hessd_pb2.InputSpec]) -> tuple[InputSignature, ...]:
     if not specs:
         raise InvalidArgument("the spec declares no inputs; add at least one (name, shape)")
     inputs = []
@@ -232,7 +234,9 @@ def check_inputs(specs) -> tuple[InputSignature, ...]:
     return tuple(inputs)
 
 
-def _check_constants(specs, input_names: set[str]) -> dict[str, np.ndarray]:
+def _check_constants(
+    specs: Iterable[hessd_pb2.NamedTensor], input_names: set[str]
+) -> dict[str, np.ndarray]:
     constants = {}
     for named in specs:
         _check_name(named.name, "constant")

@@ -22,12 +22,15 @@ import json
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
 
 __all__ = ["AuthInterceptor", "Principal", "Tokens", "server_credentials"]
 
 EXPORT = "export"
+# A unary-unary method's behavior: (request message, context) -> response message.
+_Behavior = Callable[[Any, grpc.ServicerContext], Any]
 PERMISSIONS = frozenset({EXPORT})
 _EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -108,7 +111,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self._in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         if method.startswith(_EXEMPT):
             return continuation(handler_call_details)
@@ -132,11 +139,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _bounded(self, behavior, principal: Principal):
+    def _bounded(self, behavior: _Behavior, principal: Principal) -> _Behavior:
         limit = principal.max_concurrent
         assert limit is not None  # intercept_service bounds only tokens with a limit
 
-        def bounded(request, context):
+        def bounded(request: Any, context: grpc.ServicerContext) -> Any:
             with self._lock:
                 count = self._in_flight.get(principal.name, 0)
                 if count >= limit:
@@ -160,7 +167,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
 
 def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    def abort(request, context):
+    def abort(request: object, context: grpc.ServicerContext) -> None:
         context.abort(code, message)
 
     return grpc.unary_unary_rpc_method_handler(abort)

@@ -12,7 +12,8 @@ import logging
 import math
 import time
 import uuid
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import jax
@@ -40,17 +41,21 @@ __all__ = ["HessdServicer"]
 
 logger = logging.getLogger(__name__)
 E = TypeVar("E", Kind, JacobianMode, Layout, Method, TraceEstimator)
+_Request = TypeVar("_Request")
+_Reply = TypeVar("_Reply")
 # One line per call: id, method, function, kind, points, status, milliseconds.
 request_log = logging.getLogger("hessd.requests")
 
 
-def _rpc(method):
+def _rpc(
+    method: Callable[[HessdServicer, _Request, grpc.ServicerContext], _Reply],
+) -> Callable[[HessdServicer, _Request, grpc.ServicerContext], _Reply]:
     """Map ServiceError to its status, log and answer INTERNAL for anything else; one log
     line and the metrics for every call."""
     name = method.__name__
 
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    def wrapper(self: HessdServicer, request: _Request, context: grpc.ServicerContext) -> _Reply:
         start = time.perf_counter()
         status, message = grpc.StatusCode.OK, ""
         try:
@@ -62,9 +67,15 @@ def _rpc(method):
             status, message = grpc.StatusCode.INTERNAL, "internal error in hessd; see server log"
         finally:
             self._record(name, request, context, status, time.perf_counter() - start)
-        context.abort(status, message)
+        _abort(context, status, message)
 
     return wrapper
+
+
+def _abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str) -> NoReturn:
+    """context.abort, which always raises (grpc ships no types that say so)."""
+    context.abort(status, message)
+    raise AssertionError("grpc.ServicerContext.abort returned")
 
 
 class HessdServicer(hessd_pb2_grpc.HessdServicer):
@@ -89,7 +100,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         self.tokens = tokens
 
     @_rpc
-    def Register(self, request, context):
+    def Register(
+        self, request: hessd_pb2.RegisterRequest, context: grpc.ServicerContext
+    ) -> hessd_pb2.RegisterResponse:
         program = self._register(request.spec, context)
         for kind_value in request.warmup_kinds:
             task = kinds.make_request(program, _enum(Kind, kind_value, "warmup kind"))
@@ -104,7 +117,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         )
 
     @_rpc
-    def Compute(self, request, context):
+    def Compute(
+        self, request: hessd_pb2.ComputeRequest, context: grpc.ServicerContext
+    ) -> hessd_pb2.ComputeResponse:
         result = self._compute(request, context)
         response = hessd_pb2.ComputeResponse()
         for out, array in zip(_output_fields(response, result), _arrays(result), strict=True):
@@ -112,7 +127,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         return response
 
     @_rpc
-    def ComputeStream(self, request_iterator, context):
+    def ComputeStream(
+        self, request_iterator: Iterator[hessd_pb2.StreamMessage], context: grpc.ServicerContext
+    ) -> Iterator[hessd_pb2.StreamMessage]:
         try:
             header, buffers = stream.receive(
                 request_iterator, "compute_request", self.config.max_request_bytes
@@ -128,7 +145,12 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             codec.encode(array, out=out, data=False)
         return stream.send("compute_response", response, _arrays(result))
 
-    def _compute(self, request, context, data: dict | None = None):
+    def _compute(
+        self,
+        request: hessd_pb2.ComputeRequest,
+        context: grpc.ServicerContext,
+        data: dict[str, memoryview] | None = None,
+    ) -> Output:
         """The result of a ComputeRequest: an array, or a dict of named arrays. `data`
         holds the bytes of streamed tensors by stream name ("input 'x'", "vector")."""
         program = self._program(request, context)
@@ -155,7 +177,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         return self._run(program, task, args, context)
 
     @_rpc
-    def Spectrum(self, request, context):
+    def Spectrum(
+        self, request: hessd_pb2.SpectrumRequest, context: grpc.ServicerContext
+    ) -> hessd_pb2.SpectrumResponse:
         program = self._program(request, context)
         estimator = None
         if request.trace_estimator:
@@ -187,7 +211,11 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         return response
 
     def _run(
-        self, program: Program, task: EngineRequest, args: list[np.ndarray], context
+        self,
+        program: Program,
+        task: EngineRequest,
+        args: list[np.ndarray],
+        context: grpc.ServicerContext,
     ) -> Output:
         """Check the output size against the limit, then run on the engine, unless the
         caller has gone (cancelled, or its deadline passed) in the meantime."""
@@ -219,7 +247,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         return result
 
     @_rpc
-    def ServerInfo(self, request, context):
+    def ServerInfo(
+        self, request: hessd_pb2.ServerInfoRequest, context: grpc.ServicerContext
+    ) -> hessd_pb2.ServerInfoResponse:
         c = self.config
         return hessd_pb2.ServerInfoResponse(
             server_id=self.server_id,
@@ -242,7 +272,11 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             ),
         )
 
-    def _program(self, request, context) -> Program:
+    def _program(
+        self,
+        request: hessd_pb2.ComputeRequest | hessd_pb2.SpectrumRequest,
+        context: grpc.ServicerContext,
+    ) -> Program:
         match request.WhichOneof("function"):
             case "function_id":
                 return self.registry.get(request.function_id)
@@ -250,7 +284,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 return self._register(request.spec, context)
         raise InvalidArgument("the request names no function: set function_id or spec")
 
-    def _register(self, spec: hessd_pb2.FunctionSpec, context) -> Program:
+    def _register(self, spec: hessd_pb2.FunctionSpec, context: grpc.ServicerContext) -> Program:
         if spec.WhichOneof("body") == "jax_export":
             principal = self.tokens.identify(context.invocation_metadata())
             if principal is None or EXPORT not in principal.permissions:
@@ -260,8 +294,17 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 )
         return self.registry.register(spec)
 
-    def _record(self, method: str, request, context, status: grpc.StatusCode, seconds: float):
-        """One structured log line per call (no tensor data), and the metrics."""
+    def _record(
+        self,
+        method: str,
+        request: Any,
+        context: grpc.ServicerContext,
+        status: grpc.StatusCode,
+        seconds: float,
+    ) -> None:
+        """One structured log line per call (no tensor data), and the metrics. `request` is
+        whatever `method` received: one of its request messages, or ComputeStream's
+        iterator of StreamMessages."""
         kind = "-"
         try:
             if method == "Compute":
@@ -316,36 +359,38 @@ def _smaller_result_advice(task: EngineRequest) -> str:
     return "use " + "; or ".join(ways)
 
 
-def _decode(tensor: hessd_pb2.Tensor, what: str, data: dict | None = None) -> np.ndarray:
+def _decode(
+    tensor: hessd_pb2.Tensor, what: str, data: dict[str, memoryview] | None = None
+) -> np.ndarray:
     try:
         return codec.decode(tensor, what, None if data is None else data[what])
     except codec.TensorError as e:
         raise InvalidArgument(str(e)) from None
 
 
-def _decode_enum(decode, value):
+def _decode_enum(decode: Callable[[int], np.dtype], value: int) -> np.dtype:
     try:
         return decode(value)
     except codec.TensorError as e:
         raise InvalidArgument(f"output_dtype: {e}") from None
 
 
-def _output_fields(response: hessd_pb2.ComputeResponse, result) -> list[hessd_pb2.Tensor]:
+def _output_fields(response: hessd_pb2.ComputeResponse, result: Output) -> list[hessd_pb2.Tensor]:
     """The Tensor fields of `response` that `result` (array or dict) fills, in order."""
     if isinstance(result, dict):
         return [response.outputs.add(name=name).tensor for name in result]
     return [response.output]
 
 
-def _arrays(result) -> list[np.ndarray]:
+def _arrays(result: Output) -> list[np.ndarray]:
     return list(result.values()) if isinstance(result, dict) else [result]
 
 
 def _decode_inputs(
     program: Program,
-    named: list[hessd_pb2.NamedTensor],
+    named: Iterable[hessd_pb2.NamedTensor],
     shared: tuple[int, ...],
-    data: dict | None = None,
+    data: dict[str, memoryview] | None = None,
 ) -> tuple[list[np.ndarray], int]:
     """One array per input of `program`, in its order, and the batch size. Each is checked:
     (batch, *shape), or (*shape) for the shared ones."""
@@ -395,7 +440,7 @@ def _decode_vector(
     task: kinds.Request,
     request: hessd_pb2.ComputeRequest,
     batch: int,
-    data: dict | None = None,
+    data: dict[str, memoryview] | None = None,
 ) -> np.ndarray | None:
     given = request.HasField("vector")
     if not task.takes_vector:

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 __all__ = [
     "ExtremeEigs",
@@ -151,7 +152,7 @@ def extreme_eigenvalues(
     key: jax.Array,
     num_steps: int | None = None,
     eigenvectors: bool = False,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> ExtremeEigs:
     """The k smallest and k largest eigenvalues of A (n x n), by Lanczos Ritz values.
 
@@ -202,7 +203,7 @@ def extreme_eigenvalues(
 
 
 def hutchpp(
-    matvec: Matvec, n: int, num_matvecs: int, key: jax.Array, dtype=jnp.float32
+    matvec: Matvec, n: int, num_matvecs: int, key: jax.Array, dtype: DTypeLike = jnp.float32
 ) -> TraceEstimate:
     """Hutch++ trace estimate of A (n x n) (Meyer, Musco, Musco, Woodruff 2021).
 
@@ -243,7 +244,7 @@ def hutchpp(
 
 
 def hutchinson(
-    matvec: Matvec, n: int, num_matvecs: int, key: jax.Array, dtype=jnp.float32
+    matvec: Matvec, n: int, num_matvecs: int, key: jax.Array, dtype: DTypeLike = jnp.float32
 ) -> TraceEstimate:
     """Hutchinson trace estimate of A (n x n): the mean of zᵀ A z over Rademacher probes z.
 
@@ -271,7 +272,7 @@ def slq(
     num_probes: int,
     num_steps: int,
     key: jax.Array,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> Quadrature:
     """Stochastic Lanczos quadrature (Ubaru, Chen, Saad 2017; Ghorbani et al. 2019).
 
@@ -292,7 +293,7 @@ def slq(
     _check_dtype(dtype)
     scale = 1.0 / math.sqrt(n)
 
-    def probe(probe_key):
+    def probe(probe_key: jax.Array) -> tuple[jax.Array, jax.Array]:
         alphas, betas, _, _ = _lanczos(
             matvec, scale * _rademacher(probe_key, (n,), dtype), num_steps
         )
@@ -327,7 +328,9 @@ def spectral_density(
     return jnp.mean(jnp.sum(weights[:, :, None] * kernel, axis=1), axis=0)
 
 
-def _lanczos(matvec: Matvec, v0: jax.Array, num_steps: int):
+def _lanczos(
+    matvec: Matvec, v0: jax.Array, num_steps: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Lanczos core: alphas (m,), betas (m-1,), basis (m, n) and the residual norm β_m ()."""
     n = v0.shape[0]
     dtype = v0.dtype
@@ -336,7 +339,7 @@ def _lanczos(matvec: Matvec, v0: jax.Array, num_steps: int):
     tol = math.sqrt(n) * float(jnp.finfo(dtype).eps)
     fresh_key = jax.random.key(_FRESH_SEED)
 
-    def step(j, carry):
+    def step(j: jax.Array, carry: _LanczosCarry) -> _LanczosCarry:
         basis, alphas, betas, r = carry
         # r is the unnormalised candidate for row j: v0 at j = 0, else A v_{j-1}. A fresh
         # random vector is orthogonalised alongside it (one pass over the basis serves both),
@@ -364,6 +367,10 @@ def _lanczos(matvec: Matvec, v0: jax.Array, num_steps: int):
     residual = jnp.linalg.norm(r_orth)
     residual = jnp.where(residual <= tol * jnp.linalg.norm(r), jnp.zeros((), dtype), residual)
     return alphas, betas[1:], basis, residual
+
+
+# The state of a Lanczos step: basis (m, n), alphas (m,), betas (m,), candidate r (n,).
+_LanczosCarry = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
 def _orthogonalise(basis: jax.Array, vectors: jax.Array) -> jax.Array:
@@ -405,7 +412,7 @@ def _apply_block(matvec: Matvec, vectors: jax.Array) -> jax.Array:
     return jax.vmap(lambda v: _apply(matvec, v), in_axes=1, out_axes=1)(vectors)
 
 
-def _rademacher(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+def _rademacher(key: jax.Array, shape: tuple[int, ...], dtype: DTypeLike) -> jax.Array:
     """Independent ±1 entries of `shape` in `dtype`.
 
     Drawn as one flat vector: XLA on CPU compiles the random-bit generator for a 2-D shape
@@ -427,7 +434,7 @@ def _check_vector(name: str, v: jax.Array) -> int:
     return jnp.shape(v)[0]
 
 
-def _check_dtype(dtype) -> None:
+def _check_dtype(dtype: DTypeLike) -> None:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(
             "dtype must be a real floating dtype such as float32 or float64, got "

@@ -18,7 +18,10 @@ from jax import lax
 if TYPE_CHECKING:
     from hessd.service.program import Program
 
-__all__ = ["Wrt"]
+__all__ = ["FunctionOfVariable", "Wrt"]
+
+# f as a function of the variable alone, the other inputs fixed (Wrt.view).
+FunctionOfVariable = Callable[[jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +50,9 @@ class Wrt:
         shapes = [program.inputs[i].shape for i in self.indices]
         return (sum(math.prod(s) for s in shapes),) if self.flat else shapes[0]
 
-    def view(self, program: Program, f: Callable, inputs: Sequence) -> tuple[Callable, jax.Array]:
+    def view(
+        self, program: Program, f: Callable[..., jax.Array], inputs: Sequence[jax.Array]
+    ) -> tuple[FunctionOfVariable, jax.Array]:
         """(f_x, x): f as a function of the variable alone, the other inputs fixed, and the
         variable's value at `inputs`. Works per point and on batches alike: axes of the
         inputs in front of their declared shapes are kept in front of the variable's."""
@@ -82,14 +87,18 @@ class Wrt:
         return out
 
 
-def _unflatten(z, start: int, stop: int, shape: tuple[int, ...]):
+def _unflatten(z: jax.Array, start: int, stop: int, shape: tuple[int, ...]) -> jax.Array:
     return z[..., start:stop].reshape(*z.shape[:-1], *shape)
 
 
-def _replacing(f: Callable, inputs: Sequence, replace: Mapping[int, Callable]) -> Callable:
+def _replacing(
+    f: Callable[..., jax.Array],
+    inputs: Sequence[jax.Array],
+    replace: Mapping[int, Callable[[jax.Array], jax.Array]],
+) -> FunctionOfVariable:
     """x -> f(*inputs) with input i replaced by replace[i](x)."""
 
-    def f_x(x):
+    def f_x(x: jax.Array) -> jax.Array:
         return f(*(replace[i](x) if i in replace else v for i, v in enumerate(inputs)))
 
     return f_x
