@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import math
 from collections.abc import Mapping
 from types import ModuleType
@@ -22,42 +21,15 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hessd.client import Function
+from hessd.client import CHANNEL_OPTIONS, Function
 from hessd.proto import codec, stream
-from hessd.proto.kinds import JacobianMode, Kind, Layout, result_shapes
+from hessd.proto.kinds import JacobianMode, Kind, Layout, result_shapes, unpack_triangles
 from hessd.proto.v1 import hessd_pb2
 
 from _servers import ECHO_SERVICE, SIZES_KEY
 
 __all__ = ["CHANNEL_OPTIONS", "Call", "Floor", "Wire", "compute_call", "echo_channel", "wire_of"]
 
-# The options of hessd.client's channel (client/_client.py), which the public API does not
-# expose: its retry policy buffers each call's request, which the floor must pay as well.
-_SERVICE_CONFIG = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [
-        {
-            "name": [{"service": "hessd.v1.Hessd"}],
-            "retryPolicy": {
-                "maxAttempts": 5,
-                "initialBackoff": "0.25s",
-                "maxBackoff": "4s",
-                "backoffMultiplier": 2.5,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ],
-}
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", -1),
-    ("grpc.enable_retries", 1),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
-    ("grpc.per_rpc_retry_buffer_size", 64 << 20),
-    ("grpc.retry_buffer_size", 256 << 20),
-]
 COMPUTE = f"/{ECHO_SERVICE}/Compute"
 COMPUTE_STREAM = f"/{ECHO_SERVICE}/ComputeStream"
 
@@ -108,7 +80,7 @@ class Call:
             reply, buffers = hessd_pb2.ComputeResponse.FromString(messages[0]), [None]
         ((what, tensor),) = stream.tensors(reply)
         output = codec.decode(tensor, what, buffers[0])
-        return output if self.unpack is None else _unpack(output, self.unpack)
+        return output if self.unpack is None else unpack_triangles(output, self.unpack)
 
 
 def compute_call(
@@ -149,33 +121,6 @@ def compute_call(
     if packed:
         call.unpack = math.prod(variable)
     return call
-
-
-def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
-    """(batch, n(n+1)/2) upper triangles, row-major, into (batch, n, n) symmetric, as the
-    client unpacks them (client/_requests.py, which the public API does not expose): rows
-    copied into the upper triangle, then mirrored into the lower one panel by panel."""
-    b = packed.shape[0]
-    out = np.empty((b, n, n), packed.dtype)
-    start = 0
-    for i in range(n):
-        out[:, i, i:] = packed[:, start : start + n - i]
-        start += n - i
-    for lo in range(0, n, _PANEL):
-        hi = min(lo + _PANEL, n)
-        out[:, lo:hi, :lo] = out[:, :lo, lo:hi].transpose(0, 2, 1)
-        block = out[:, lo:hi, lo:hi]
-        rows, cols = _strict_lower(hi - lo)
-        block[:, rows, cols] = block[:, cols, rows]
-    return out
-
-
-_PANEL = 256
-
-
-@functools.lru_cache(maxsize=4)
-def _strict_lower(m: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.tril_indices(m, -1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The thin hessd client. Importing it does not import JAX."""
 
 from hessd.client._aio import AsyncClient
-from hessd.client._client import Client
+from hessd.client._client import CHANNEL_OPTIONS, Client
 from hessd.client._errors import (
     Cancelled,
     DeadlineExceeded,
@@ -17,6 +17,7 @@ from hessd.client._errors import (
 from hessd.client._requests import Function, Spectrum
 
 __all__ = [
+    "CHANNEL_OPTIONS",
     "AsyncClient",
     "Cancelled",
     "Client",

@@ -46,6 +46,7 @@ SERVICE_CONFIG = {
         }
     ],
 }
+# Public (hessd.client.CHANNEL_OPTIONS): a raw channel given these behaves as the client's.
 CHANNEL_OPTIONS = [
     # The server enforces its own size limits; the client accepts whatever it sends.
     ("grpc.max_receive_message_length", -1),

@@ -20,6 +20,7 @@ from hessd.proto.kinds import (
     PointClass,
     TraceEstimator,
     result_shapes,
+    unpack_triangles,
     variable_shape,
 )
 from hessd.proto.v1 import hessd_pb2
@@ -169,7 +170,7 @@ class ComputeCall:
         )
         if self.unpack is not None:
             assert isinstance(result, np.ndarray)  # packed: one Hessian of a scalar function
-            result = _unpack(result, self.unpack)
+            result = unpack_triangles(result, self.unpack)
         return result
 
 
@@ -234,33 +235,6 @@ def compute_request(
     if packed and unpack:
         call.unpack = math.prod(variable)
     return call
-
-
-def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
-    """(batch, n(n+1)/2) upper triangles, row-major, into (batch, n, n) symmetric.
-
-    A block of rows at a time: one gather per block through that block's index, so memory
-    is the result plus a block of about _BLOCK_BYTES. (One n² int64 index built with
-    temporaries of its size took 15 s and 3.2 GB at n=8000; row-by-row copies were 20x
-    slower than a gather at batch 512, n=256.)
-    """
-    b = packed.shape[0]
-    out = np.empty((b, n, n), packed.dtype)
-    r = np.arange(n)
-    # Row r of the triangle starts at r*n - r(r-1)/2 and holds columns r..n-1.
-    starts = r * n - r * (r - 1) // 2
-    rows = max(1, _BLOCK_BYTES // max(1, b * n * packed.itemsize))
-    for lo in range(0, n, rows):
-        hi = min(lo + rows, n)
-        i, j = r[lo:hi, None], r[None, :]
-        top, right = np.minimum(i, j), np.maximum(i, j)
-        index = (starts[top] + right - top).reshape(-1)
-        out[:, lo:hi] = np.take(packed, index, axis=1).reshape(b, hi - lo, n)
-    return out
-
-
-# What one block of rows may hold while it is gathered.
-_BLOCK_BYTES = 16 << 20
 
 
 def spectrum_request(

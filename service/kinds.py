@@ -18,7 +18,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from hessd.proto.kinds import MAX_TAYLOR_ORDER, JacobianMode, Kind, Layout, result_shapes
+from hessd.proto.kinds import (
+    MAX_TAYLOR_ORDER,
+    JacobianMode,
+    Kind,
+    Layout,
+    pack_triangles,
+    result_shapes,
+)
 from hessd.service.engine import EngineRequest, Output
 from hessd.service.errors import InvalidArgument
 from hessd.service.variable import FunctionOfVariable, Wrt
@@ -125,15 +132,7 @@ class Request(EngineRequest):
         if not self.packed or self.packs_on_device:
             return result
         assert isinstance(result, np.ndarray)  # packed: one scalar function, one result
-        b = result.shape[0]
-        n = math.isqrt(math.prod(result.shape[1:]))
-        full = result.reshape(b, n, n)
-        packed = np.empty((b, n * (n + 1) // 2), result.dtype)
-        start = 0
-        for i in range(n):
-            packed[:, start : start + n - i] = full[:, i, i:]
-            start += n - i
-        return packed
+        return pack_triangles(result)
 
     def _pack_and_cast(self, result: jax.Array) -> jax.Array:
         if self.packs_on_device:
