@@ -17,9 +17,14 @@ import sys
 import numpy as np
 import pytest
 
-from hessd.client import AsyncClient, ResourceExhausted, Unavailable, bench
+from hessd.client import AsyncClient, ResourceExhausted, Unavailable
+from hessd.service.config import ServerConfig
+from hessd.service.server import create_server
+from hessd.tools import bench
+from hessd.tools.bench import _command, _load
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TOKEN = "bench-token-0123456789"
 SHORT = ["--window-seconds", "0.2", "--max-windows", "4"]
 SCALAR = [
     "--expression",
@@ -177,6 +182,27 @@ def test_failed_requests_are_errors_not_latency(server_address, tmp_path, monkey
     assert csv_row["errors_by_code"] == f"RESOURCE_EXHAUSTED={row['errors']}"
 
 
+def test_token_from_the_flag_or_the_environment(tmp_path, monkeypatch, capsys):
+    """--token (or $HESSD_TOKEN) goes with every call; the results never hold it."""
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [{"name": "bench", "token": TOKEN}]}))
+    server, port = create_server(ServerConfig(host="127.0.0.1", port=0, tokens_file=str(tokens)))
+    server.start()
+    try:
+        argv = [*SCALAR, "--address", f"127.0.0.1:{port}", "--concurrency", "1", *SHORT]
+        assert run([*argv, "--out", tmp_path / "none"]) == 2
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        out = tmp_path / "bench"
+        assert run([*argv, "--out", out, "--token", TOKEN]) == 0
+        monkeypatch.setenv("HESSD_TOKEN", TOKEN)
+        assert run([*argv, "--out", tmp_path / "from-env"]) == 0
+    finally:
+        server.stop(grace=None)
+    text = out.with_suffix(".json").read_text()
+    assert TOKEN not in text
+    assert json.loads(text)["metadata"]["args"]["token"] == "(given)"
+
+
 # ------------------------------------------------------------------------------ failures
 
 
@@ -271,14 +297,14 @@ def test_server_going_away_mid_sweep_exits_1_with_what_was_measured(
             raise Unavailable("connection refused")
         return await compute(self, *args, **kwargs)
 
-    is_stable = bench.is_stable
+    is_stable = _load.is_stable
 
     def go_after_the_first_window(windows, tolerance):
         gone.append(True)
         return is_stable(windows, tolerance)
 
     monkeypatch.setattr(AsyncClient, "compute", unavailable_once_gone)
-    monkeypatch.setattr(bench, "is_stable", go_after_the_first_window)
+    monkeypatch.setattr(_load, "is_stable", go_after_the_first_window)
     out = tmp_path / "bench"
     argv = [*SCALAR, "--address", server_address, "--concurrency", "2,4", *SHORT]
     assert run([*argv, "--out", out]) == 1
@@ -291,11 +317,16 @@ def test_server_going_away_mid_sweep_exits_1_with_what_was_measured(
     assert "UNAVAILABLE" in row["errors_by_code"]
 
 
-def test_ctrl_c_prints_what_was_measured_and_exits_130(server_address, tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_ctrl_c_prints_what_was_measured_and_exits_130(server_address, tmp_path, sigint):
+    """Also in a process started with SIGINT ignored (a background job, `nohup`, some CI
+    runners): the command restores Ctrl-C itself."""
     out = tmp_path / "bench"
     code = (
-        "import argparse, sys\n"
-        "from hessd.client import bench\n"
+        "import argparse, signal, sys\n"
+        f"if {sigint == 'ignored'}:\n"
+        "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "from hessd.tools import bench\n"
         "parser = argparse.ArgumentParser()\n"
         "bench.add_arguments(parser)\n"
         "sys.exit(bench.main(parser.parse_args(sys.argv[1:])))\n"
@@ -320,6 +351,7 @@ def test_ctrl_c_prints_what_was_measured_and_exits_130(server_address, tmp_path)
         process.kill()
     assert process.returncode == 130, stderr
     assert "hessd bench: interrupted" in stderr
+    assert "Traceback" not in stderr
     table = stdout.splitlines()
     assert table[1].split()[0] == "1"
     document = json.loads(out.with_suffix(".json").read_text())
@@ -328,11 +360,42 @@ def test_ctrl_c_prints_what_was_measured_and_exits_130(server_address, tmp_path)
     assert all(r["status"] == "interrupted" for r in document["rows"][1:])
 
 
-def test_import_leaves_out_jax_and_matplotlib():
+def test_ctrl_c_while_connecting_prints_one_line_and_exits_130(
+    server_address, tmp_path, monkeypatch, capsys
+):
+    async def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AsyncClient, "server_info", interrupted)
+    argv = [*SCALAR, "--address", server_address, *SHORT, "--out", tmp_path / "bench"]
+    assert run(argv) == 130
+    printed = capsys.readouterr()
+    assert printed.err == "hessd bench: interrupted before anything was measured\n"
+    assert printed.out == ""
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_ctrl_c_while_plotting_keeps_the_results_and_exits_130(
+    server_address, tmp_path, monkeypatch, capsys
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_command, "plot", interrupted)
+    out = tmp_path / "bench"
+    argv = [*SCALAR, "--address", server_address, "--concurrency", "1", *SHORT, "--plot"]
+    assert run([*argv, "--out", out]) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("hessd bench: interrupted while writing the results; wrote ")
+    assert json.loads(out.with_suffix(".json").read_text())["metadata"]["outcome"] == "finished"
+
+
+def test_import_leaves_out_jax_matplotlib_and_the_server():
     code = (
-        "import sys, hessd.client.bench\n"
+        "import sys, hessd.tools.bench\n"
         "heavy = sorted(m for m in sys.modules\n"
-        "               if m.split('.')[0] in ('jax', 'jaxlib', 'matplotlib'))\n"
+        "               if m.split('.')[0] in ('jax', 'jaxlib', 'matplotlib')\n"
+        "               or m.startswith('hessd.service'))\n"
         "assert not heavy, heavy\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -16,23 +16,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import certs
 import numpy as np
 import pytest
 
-from hessd.client import Client, NotFound, Unavailable, spectrum_job
+from hessd.client import Client, DeadlineExceeded, NotFound, Unavailable
 from hessd.service.config import ServerConfig
 from hessd.service.server import create_server
+from hessd.tools import spectrum
+from hessd.tools.spectrum import _job, _report, _server
 
 SPECTRUM = np.array([-2.0, -1.0, 1.0, 2.0])
 SHIFTS = {"minimum": 3.0, "maximum": -3.0, "saddle": 0.0, "degenerate": 2.0}
 NUM_POINTS, CHUNK = 12, 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLIENT_SPECTRUM = Client.spectrum  # the real one, whatever a test has patched in
+TOKEN = "spectrum-job-token-0123456789"
 
 
 def symmetric(spectrum, seed=0):
@@ -92,8 +97,8 @@ def saddle(tmp_path):
 
 def run(argv) -> int:
     parser = argparse.ArgumentParser()
-    spectrum_job.add_arguments(parser)
-    return spectrum_job.main(parser.parse_args([str(a) for a in argv]))
+    spectrum.add_arguments(parser)
+    return spectrum.main(parser.parse_args([str(a) for a in argv]))
 
 
 def load(path):
@@ -145,7 +150,7 @@ def count_registrations(monkeypatch):
 @pytest.fixture
 def instant_backoff(monkeypatch):
     sleeps = []
-    monkeypatch.setattr(spectrum_job, "_sleep", sleeps.append)
+    monkeypatch.setattr(_server, "_sleep", sleeps.append)
     return sleeps
 
 
@@ -220,7 +225,7 @@ def test_exact_plot_writes_a_png(saddle, server_address):
 
 
 def test_console_script(saddle, server_address):
-    argv = [sys.executable, "-m", "hessd.service.cli", "spectrum"]
+    argv = [sys.executable, "-m", "hessd.tools.cli", "spectrum"]
     result = subprocess.run(
         [*argv, *map(str, saddle.argv(server_address, "out.npz"))],
         capture_output=True,
@@ -233,11 +238,12 @@ def test_console_script(saddle, server_address):
     assert load(saddle.folder / "out.npz")["eigenvalues"].shape == (NUM_POINTS, 4)
 
 
-def test_import_leaves_out_jax_tqdm_and_matplotlib():
+def test_import_leaves_out_jax_tqdm_matplotlib_and_the_server():
     code = (
-        "import sys, hessd.client.spectrum_job\n"
+        "import sys, hessd.tools.spectrum\n"
         "heavy = sorted(m for m in sys.modules\n"
-        "               if m.split('.')[0] in ('jax', 'jaxlib', 'tqdm', 'matplotlib'))\n"
+        "               if m.split('.')[0] in ('jax', 'jaxlib', 'tqdm', 'matplotlib')\n"
+        "               or m.startswith('hessd.service'))\n"
         "assert not heavy, heavy\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -320,7 +326,8 @@ def test_unavailable_is_retried_with_backoff(shifted, server_address, monkeypatc
 
 
 def test_backoff_doubles_up_to_its_cap(monkeypatch, instant_backoff):
-    server = spectrum_job._Server("127.0.0.1:1", 1.0, 1e9, spec=None)
+    monkeypatch.setattr(Client, "server_info", lambda self, **kwargs: {})  # back at once
+    server = _server.RetryingServer("127.0.0.1:1", 1.0, 1e9, spec=None)
     failures = iter(range(8))
 
     def call():
@@ -333,6 +340,102 @@ def test_backoff_doubles_up_to_its_cap(monkeypatch, instant_backoff):
     finally:
         server.close()
     assert instant_backoff == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+
+
+class Clock:
+    """A clock that only the test moves: sleeps and calls advance it."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps = []
+
+    def sleep(self, seconds):
+        assert seconds >= 0
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.mark.parametrize("probe_error", [Unavailable, DeadlineExceeded])
+def test_retry_seconds_bounds_the_whole_wait(monkeypatch, probe_error):
+    """--retry-seconds 3 against a server that never comes back: the backoff sleeps and the
+    ServerInfo calls asking whether it is back add up to 3 s, the last of each cut to what
+    is left, and nothing is waited after."""
+    clock = Clock()
+    monkeypatch.setattr(_server, "_clock", lambda: clock.now)
+    monkeypatch.setattr(_server, "_sleep", clock.sleep)
+    timeouts = []
+
+    def server_info(self, *, timeout=None):
+        timeouts.append(timeout)
+        clock.now += min(timeout, 2.0)  # gRPC's own retries take a while, then give up
+        raise probe_error("still down")
+
+    monkeypatch.setattr(Client, "server_info", server_info)
+    server = _server.RetryingServer("127.0.0.1:1", 600.0, 3.0, spec=None)
+
+    def call():
+        raise Unavailable("down")
+
+    try:
+        with pytest.raises(_server.ServerGone, match=r"waited 3\.0 s .*--retry-seconds 3\)"):
+            server._retrying(call)
+    finally:
+        server.close()
+    assert clock.now == pytest.approx(3.0)
+    assert clock.sleeps == [0.5, pytest.approx(0.5)]  # 0.5, ServerInfo 2 s, then what is left
+    assert timeouts == [pytest.approx(2.5)]
+    assert all(t <= 3.0 for t in timeouts)
+
+
+@pytest.mark.parametrize("retry_seconds, waited", [(3.0, 3.0), (0.0, 1.0)])
+def test_a_server_down_at_the_start_is_given_up_within_the_budget(
+    monkeypatch, retry_seconds, waited
+):
+    """The first contact is a ServerInfo call whose deadline is the budget (at least 1 s),
+    so the retries gRPC makes inside a call cannot make the job wait longer."""
+    clock = Clock()
+    monkeypatch.setattr(_server, "_clock", lambda: clock.now)
+    monkeypatch.setattr(_server, "_sleep", clock.sleep)
+    timeouts = []
+
+    def server_info(self, *, timeout=None):
+        timeouts.append(timeout)
+        clock.now += timeout  # gRPC retries until the deadline
+        raise DeadlineExceeded("Deadline Exceeded")
+
+    monkeypatch.setattr(Client, "server_info", server_info)
+    server = _server.RetryingServer("127.0.0.1:1", 600.0, retry_seconds, spec=None)
+    try:
+        with pytest.raises(_server.ServerGone, match=f"waited {waited:.1f} s"):
+            server.connect()
+    finally:
+        server.close()
+    assert clock.now == pytest.approx(waited) and timeouts == [waited]
+
+
+def test_a_server_back_gets_the_call_with_its_full_timeout(monkeypatch):
+    """Only the ServerInfo calls that wait for the server are cut to the budget: a long
+    computation on a server that came back is not."""
+    clock = Clock()
+    monkeypatch.setattr(_server, "_clock", lambda: clock.now)
+    monkeypatch.setattr(_server, "_sleep", clock.sleep)
+    probes = []
+    monkeypatch.setattr(Client, "server_info", lambda self, *, timeout=None: probes.append(timeout))
+    server = _server.RetryingServer("127.0.0.1:1", 600.0, 1.0, spec=None)
+    attempts = []
+
+    def call():
+        attempts.append(server._client.timeout)
+        if len(attempts) == 1:
+            raise Unavailable("restarting")
+        clock.now += 100.0  # computing, long past the retry budget
+        return "done"
+
+    try:
+        assert server._retrying(call) == "done"
+    finally:
+        server.close()
+    assert attempts == [600.0, 600.0] and probes == [pytest.approx(0.5)]
 
 
 def test_server_gone_gives_up_and_keeps_the_chunks(
@@ -377,7 +480,7 @@ def test_a_restarted_server_is_waited_for_and_given_the_function_again(
             servers[-1].start()
 
     monkeypatch.setattr(Client, "spectrum", spectrum)
-    monkeypatch.setattr(spectrum_job, "_sleep", restart)
+    monkeypatch.setattr(_server, "_sleep", restart)
     registrations = count_registrations(monkeypatch)
     try:
         assert run(shifted.argv(f"127.0.0.1:{port}", "out.npz")) == 0
@@ -471,3 +574,170 @@ def test_points_of_the_wrong_shape(shifted, server_address, capsys):
 def test_a_flag_of_another_method_is_refused(shifted, server_address, capsys):
     assert run(shifted.argv(server_address, "out.npz", "--num-probes", "3")) == 2
     assert "--num-probes does not apply to --method exact" in capsys.readouterr().err
+
+
+def test_lanczos_k_defaults_to_the_servers(shifted, server_address, monkeypatch):
+    """No --k: the request leaves k to the server (0), as Client.spectrum does; here
+    min(6, n // 2) = 2 for n = 4."""
+    sent = []
+
+    def spectrum(self, f, points, method, **options):
+        sent.append(options["k"])
+        return CLIENT_SPECTRUM(self, f, points, method, **options)
+
+    monkeypatch.setattr(Client, "spectrum", spectrum)
+    assert run(shifted.argv(server_address, "out.npz", "--method", "lanczos")) == 0
+    assert sent == [0] * (NUM_POINTS // CHUNK)
+    exact = np.linalg.eigvalsh(shifted.hessians())
+    result = load(shifted.folder / "out.npz")
+    np.testing.assert_allclose(result["eigenvalues"], exact, atol=1e-10)
+
+
+# ------------------------------------------------------------------- tqdm, Ctrl-C, TLS
+
+
+def test_no_tqdm_is_needed_without_a_progress_bar(saddle, server_address, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` fails
+    assert run(saddle.argv(server_address, "out.npz")) == 0
+
+
+def test_progress_without_tqdm_is_refused_before_any_work(
+    saddle, server_address, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    calls = count_calls(monkeypatch)
+    assert run(saddle.argv(server_address, "out.npz", "--progress")) == 2
+    assert capsys.readouterr().err == (
+        "hessd spectrum: --progress needs tqdm: pip install tqdm, or 'hessd[jobs]'\n"
+    )
+    assert calls == []
+
+
+def test_ctrl_c_while_connecting_prints_one_line_and_exits_130(
+    shifted, server_address, monkeypatch, capsys
+):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Client, "register", interrupted)
+    assert run(shifted.argv(server_address, "out.npz")) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "hessd spectrum: interrupted before any point was computed\n"
+    assert captured.out == ""
+
+
+def test_ctrl_c_while_plotting_keeps_the_result_and_exits_130(
+    shifted, server_address, monkeypatch, capsys
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_job, "plot", interrupted)
+    argv = shifted.argv(server_address, "out.npz", "--plot", shifted.folder / "h.png")
+    assert run(argv) == 130
+    out = shifted.folder / "out.npz"
+    assert capsys.readouterr().err == (
+        f"hessd spectrum: interrupted while plotting; the result is in {out}\n"
+    )
+    assert load(out)["eigenvalues"].shape == (NUM_POINTS, 4)
+
+
+def test_mutual_tls_and_a_token(saddle, tmp_path):
+    """--tls-ca, --tls-cert/--tls-key and --token reach a server that needs all three."""
+    for name, pem in certs.make_pki().items():
+        (tmp_path / f"{name}.pem").write_bytes(pem)
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [{"name": "job", "token": TOKEN}]}))
+    config = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        tls_cert=str(tmp_path / "server_cert.pem"),
+        tls_key=str(tmp_path / "server_key.pem"),
+        tls_client_ca=str(tmp_path / "ca.pem"),
+        tokens_file=str(tokens),
+    )
+    server, port = create_server(config)
+    server.start()
+    tls = ["--tls-ca", tmp_path / "ca.pem", "--tls-cert", tmp_path / "client_cert.pem"]
+    tls += ["--tls-key", tmp_path / "client_key.pem"]
+    try:
+        argv = saddle.argv(f"127.0.0.1:{port}", "out.npz", *tls, "--token", TOKEN)
+        assert run(argv) == 0
+    finally:
+        server.stop(grace=None)
+    assert (load(saddle.folder / "out.npz")["point_class"] == "saddle").all()
+
+
+# ------------------------------------------------------------------------------ the picture
+
+
+def test_symlog_is_matplotlibs_axis_coordinate():
+    from matplotlib.scale import SymmetricalLogTransform
+
+    values = np.array([-3.0, -1e-3, -1e-5, 0.0, 2e-6, 1e-4, 0.5, 40.0])
+    linthresh = 1e-4
+    theirs = SymmetricalLogTransform(10, linthresh, _report.LINSCALE).transform(values)
+    np.testing.assert_allclose(_report.symlog(values, linthresh), theirs / linthresh)
+    np.testing.assert_allclose(
+        _report.symlog_inverse(_report.symlog(values, linthresh), linthresh), values
+    )
+
+
+def test_histogram_bins_are_equal_on_the_axis_and_one_is_centred_on_zero():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([-(10.0 ** rng.uniform(-4, 0, 300)), rng.normal(0, 1e-8, 50)])
+    values = np.concatenate([values, 10.0 ** rng.uniform(-5, 1, 600)])
+    linthresh = _report.symlog_linthresh(values, 1e-6)
+    assert linthresh == 1e-5  # the 1st percentile of |λ| > tol is ~1.3e-5
+    edges = _report.symlog_edges(values, linthresh)
+    t = _report.symlog(edges, linthresh)
+    np.testing.assert_allclose(np.diff(t), np.diff(t)[0])
+    assert np.any(np.isclose(t[:-1] + t[1:], 0.0, atol=1e-9))  # a bin centred on 0
+    assert edges[0] <= values.min() and values.max() <= edges[-1]
+    assert 20 <= len(edges) - 1 <= 120
+
+
+def test_linthresh_without_nonzero_eigenvalues_is_one():
+    assert _report.symlog_linthresh(np.zeros((2, 3)), np.zeros(2)) == 1.0
+
+
+def test_the_picture_is_clipped_to_the_data_and_its_labels_do_not_collide():
+    rng = np.random.default_rng(1)
+    eigenvalues = np.sort(
+        np.concatenate(
+            [-(10.0 ** rng.uniform(-6, 0, (5, 300))), 10.0 ** rng.uniform(-7, 0.3, (5, 900))],
+            axis=1,
+        ),
+        axis=1,
+    )
+    result = {"eigenvalues": eigenvalues, "gradient_norm": np.ones(5), "tol": np.full(5, 1e-9)}
+    figure = _report.spectrum_figure(result, "exact", "f" * 64)
+    figure.canvas.draw()
+    histogram, extremes = figure.axes
+    linthresh = _report.symlog_linthresh(eigenvalues, 1e-9)
+    lo, hi = _report.symlog(np.array(histogram.get_xlim()), linthresh)
+    data_lo, data_hi = _report.symlog(np.array([eigenvalues.min(), eigenvalues.max()]), linthresh)
+    margin = 0.05 * (data_hi - data_lo)
+    assert data_lo - margin < lo <= data_lo and data_hi <= hi < data_hi + margin
+    renderer = figure.canvas.get_renderer()
+    for axis in (histogram.xaxis, histogram.yaxis, extremes.xaxis, extremes.yaxis):
+        boxes = [
+            label.get_window_extent(renderer)
+            for label in axis.get_ticklabels()
+            if label.get_visible() and label.get_text()
+        ]
+        assert len(boxes) >= 2
+        for a, b in itertools.pairwise(boxes):
+            assert not a.overlaps(b), (a, b)
+    # The legend stands above the right panel, clear of its data.
+    legend = extremes.get_legend().get_window_extent(renderer)
+    assert legend.y0 >= extremes.get_window_extent(renderer).y1 - 1
+
+
+def test_the_extremes_of_points_of_both_signs_share_a_symlog_axis_around_zero():
+    eigenvalues = np.array([[1.0, 5.0], [-5.0, -1.0], [-2.0, 2.0], [0.0, 4.0]])
+    result = {"eigenvalues": eigenvalues, "gradient_norm": np.ones(4), "tol": np.full(4, 1e-6)}
+    figure = _report.spectrum_figure(result, "lanczos", "f" * 64)
+    extremes = figure.axes[1]
+    assert extremes.get_yscale() == "symlog"
+    assert any(np.all(np.asarray(line.get_ydata()) == 0) for line in extremes.get_lines())
