@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import certs
@@ -238,21 +237,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _drain(pipe) -> None:
+def _drain(pipe, compiled: threading.Event) -> None:
     with pipe:
-        pipe.read()
+        for line in pipe:
+            if "compiled" in line:
+                compiled.set()
 
 
 def serve(port: int, *flags: str) -> subprocess.Popen:
-    """`hessd serve` on 127.0.0.1:port, returned once it listens."""
+    """`hessd serve` on 127.0.0.1:port, returned once it listens; `proc.compiled` is set
+    once the server logs its first compile."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "hessd.service.cli", "serve", "--host", "127.0.0.1"]
+    args = [sys.executable, "-m", "hessd.tools.cli", "serve", "--host", "127.0.0.1"]
     args += ["--port", str(port), "--compile-cache-dir", "", *flags]
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if "listening on" in line:
             # Drain the log until the process ends, then close the pipe.
-            threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
+            proc.compiled = threading.Event()  # type: ignore[attr-defined]
+            args = (proc.stderr, proc.compiled)  # type: ignore[attr-defined]
+            threading.Thread(target=_drain, args=args, daemon=True).start()
             return proc
     raise RuntimeError("server did not start")
 
@@ -266,7 +270,8 @@ def test_sigterm_finishes_calls_in_flight_then_exits_zero():
             x = np.random.default_rng(0).normal(size=(32, 400))
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 slow = pool.submit(c.spectrum, f, x)  # compiles, then 32 eigh of 400x400
-                time.sleep(1.0)
+                # In flight once its executable is compiled (a sleep raced a loaded machine).
+                assert proc.compiled.wait(timeout=120)  # type: ignore[attr-defined]
                 proc.send_signal(signal.SIGTERM)
                 spectrum = slow.result()
         assert spectrum.eigenvalues.shape == (32, 400)
