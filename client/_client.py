@@ -26,7 +26,7 @@ __all__ = ["Client", "Function", "Spectrum"]
 _AboutAFunction = TypeVar("_AboutAFunction", hessd_pb2.ComputeRequest, hessd_pb2.SpectrumRequest)
 
 # Above this, requests and results stream in chunks; measured: gRPC Python moves a 1 MiB
-# message in ~2 ms and larger ones at a lower rate (DESIGN.md).
+# message in ~2 ms and larger ones at a lower rate (benchmarks/throughput.py).
 STREAM_THRESHOLD = 1 << 20
 
 # UNAVAILABLE (a replica stopping or restarting) is retried with backoff by gRPC itself;

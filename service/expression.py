@@ -1,8 +1,8 @@
 """The expression language: source text compiled into a pure jax.numpy function.
 
 A source is one or more lines, ``name = expr`` bindings then one final expression, in
-Python's expression syntax restricted to an allowlist (see EXPRESSIONS.md). It is parsed
-with :func:`ast.parse` and never evaluated as Python: each allowed node becomes a closure,
+Python's expression syntax restricted to an allowlist (README.md, "Expression language").
+It is parsed with :func:`ast.parse` and never evaluated as Python: each allowed node becomes a closure,
 built once here, that calls jax.numpy when the returned function is traced. The result is
 an ordinary JAX function, so jit, vmap, grad, jacfwd, jacrev, jvp, vjp and hessian all work.
 
