@@ -2,8 +2,9 @@
 
 A source is one or more lines, ``name = expr`` bindings then one final expression, in
 Python's expression syntax restricted to an allowlist (README.md, "Expression language").
-It is parsed with :func:`ast.parse` and never evaluated as Python: each allowed node becomes a closure,
-built once here, that calls jax.numpy when the returned function is traced. The result is
+It is parsed with :func:`ast.parse` and never evaluated as Python: each allowed node
+becomes a closure, built once here, that calls jax.numpy when the returned function is
+traced. The result is
 an ordinary JAX function, so jit, vmap, grad, jacfwd, jacrev, jvp, vjp and hessian all work.
 
 Every refusal is an :class:`InvalidArgument` whose message starts with
