@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ __all__ = [
     "add_connection_arguments",
     "connection_options",
     "interruptible",
+    "run_interruptibly",
     "matplotlib",
     "refuse",
 ]
@@ -122,6 +123,17 @@ def interruptible() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def run_interruptibly(tool: str, run: Callable[[], int]) -> int:
+    """run()'s exit code, or 130 with one line on standard error if Ctrl-C came between the
+    steps where `run` handles it itself (printing a table, say)."""
+    with interruptible():
+        try:
+            return run()
+        except KeyboardInterrupt:
+            print(f"{tool}: interrupted", file=sys.stderr)
+            return 130
 
 
 def matplotlib() -> tuple[Any, Any]:

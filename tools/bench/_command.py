@@ -18,9 +18,9 @@ from hessd.tools._common import (
     Refused,
     ServerGone,
     connection_options,
-    interruptible,
     matplotlib,
     refuse,
+    run_interruptibly,
 )
 from hessd.tools._function_file import FunctionSpec
 from hessd.tools.bench._flags import compute_options, function_spec, jsonable_args, load_levels
@@ -34,13 +34,7 @@ TOOL = "hessd bench"
 
 def main(args: argparse.Namespace) -> int:
     """Run the sweep; the exit code: 0 measured, 1 no server, 2 refused, 130 interrupted."""
-    with interruptible():
-        try:
-            return _main(args)
-        except KeyboardInterrupt:
-            # Between the steps _main catches it in (printing the table, say).
-            print(f"{TOOL}: interrupted", file=sys.stderr)
-            return 130
+    return run_interruptibly(TOOL, lambda: _main(args))
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -20,9 +20,9 @@ from hessd.tools._common import (
     Refused,
     ServerGone,
     connection_options,
-    interruptible,
     matplotlib,
     refuse,
+    run_interruptibly,
 )
 from hessd.tools._function_file import load_function_file
 from hessd.tools.spectrum._flags import job_options, server_options
@@ -69,13 +69,7 @@ class _NoProgress:
 def main(args: argparse.Namespace) -> int:
     """Run the job; the exit code: 0 done, 1 the server stayed away, 2 a refused file, flag
     or request, 130 interrupted (the finished chunks stay for a resume)."""
-    with interruptible():
-        try:
-            return _main(args)
-        except KeyboardInterrupt:
-            # Between the steps _main catches it in (printing the summary, say).
-            print(f"{TOOL}: interrupted", file=sys.stderr)
-            return 130
+    return run_interruptibly(TOOL, lambda: _main(args))
 
 
 def _main(args: argparse.Namespace) -> int:
