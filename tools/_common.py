@@ -23,9 +23,9 @@ __all__ = [
     "add_connection_arguments",
     "connection_options",
     "interruptible",
-    "run_interruptibly",
     "matplotlib",
     "refuse",
+    "run_interruptibly",
 ]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
