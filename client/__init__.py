@@ -2,6 +2,7 @@
 
 from hessd.client._aio import AsyncClient
 from hessd.client._client import CHANNEL_OPTIONS, Client
+from hessd.client._data import Handle
 from hessd.client._errors import (
     Cancelled,
     DeadlineExceeded,
@@ -23,6 +24,7 @@ __all__ = [
     "Client",
     "DeadlineExceeded",
     "Function",
+    "Handle",
     "HessdError",
     "Internal",
     "InvalidArgument",

@@ -13,11 +13,13 @@ from hessd.client import _requests
 from hessd.client._client import (
     _AboutAFunction,
     _Kinds,
+    _names_a_resident_tensor,
     _with_spec,
 )
+from hessd.client._data import Handle
 from hessd.client._errors import NotFound, from_rpc_error
 from hessd.client._requests import Function, Points, Spectrum
-from hessd.proto import stream
+from hessd.proto import codec, stream
 from hessd.proto.v1 import hessd_pb2
 
 __all__ = ["AsyncClient"]
@@ -79,14 +81,40 @@ class AsyncClient(_Kinds):
     ) -> np.ndarray | dict[str, np.ndarray]:
         call = _requests.compute_request(f, kind, points, **options)
         if max(call.input_bytes, call.output_bytes) <= self.stream_threshold:
-            return call.result(await self._call_on(f, self._stub.Compute, call.filled(), timeout))
+            reply = await self._call_on(f, self._stub.Compute, call.filled(), timeout, call.handles)
+            return call.result(reply)
         try:
             return await self._streamed(call, timeout)
-        except NotFound:
-            if f.spec is None:
+        except NotFound as e:
+            if _names_a_resident_tensor(e):
+                await self._put_again(call.handles, timeout)
+            elif f.spec is None:
                 raise
-            call.request = _with_spec(call.request, f)
+            else:
+                call.request = _with_spec(call.request, f)
             return await self._streamed(call, timeout)
+
+    async def put(
+        self, array: Any, dtype: str | np.dtype | None = None, *, timeout: float | None = None
+    ) -> Handle:
+        """As Client.put."""
+        array = np.ascontiguousarray(array if dtype is None else np.asarray(array, dtype))
+        request = hessd_pb2.PutRequest()
+        try:
+            if array.nbytes <= self.stream_threshold:
+                codec.encode(array, out=request.tensor)
+                reply = await self._stub.Put(request, **self._call_options(timeout))
+            else:
+                codec.encode(array, out=request.tensor, data=False)
+                messages = stream.send("put_request", request, [array])
+                reply = await self._stub.PutStream(messages, **self._call_options(timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return Handle(reply.handle, array)
+
+    async def _put_again(self, handles: Sequence[Handle], timeout: float | None) -> None:
+        for handle in handles:
+            await self.put(handle.array, timeout=timeout)
 
     async def _streamed(
         self, call: _requests.ComputeCall, timeout: float | None
@@ -111,8 +139,8 @@ class AsyncClient(_Kinds):
         timeout: float | None = None,
         **options: Any,
     ) -> Spectrum:
-        request = _requests.spectrum_request(f, points, method, **options)
-        reply = await self._call_on(f, self._stub.Spectrum, request, timeout)
+        request, handles = _requests.spectrum_request(f, points, method, **options)
+        reply = await self._call_on(f, self._stub.Spectrum, request, timeout, handles)
         return _requests.spectrum_result(reply)
 
     async def _call_on(
@@ -121,13 +149,22 @@ class AsyncClient(_Kinds):
         method: Callable[..., Any],
         request: _AboutAFunction,
         timeout: float | None,
+        handles: Sequence[Handle] = (),
     ) -> Any:
-        try:
-            return await self._call(method, request, timeout)
-        except NotFound:
-            if f.spec is None:
-                raise
-            return await self._call(method, _with_spec(request, f), timeout)
+        """As Client._call_on."""
+        for attempt in range(3):
+            try:
+                return await self._call(method, request, timeout)
+            except NotFound as e:
+                if attempt == 2:
+                    raise
+                if _names_a_resident_tensor(e) and handles:
+                    await self._put_again(handles, timeout)
+                elif f.spec is not None and not request.HasField("spec"):
+                    request = _with_spec(request, f)
+                else:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _call(
         self, method: Callable[..., Any], request: Message, timeout: float | None

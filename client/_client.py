@@ -15,12 +15,13 @@ import numpy as np
 from google.protobuf.message import Message
 
 from hessd.client import _requests
+from hessd.client._data import Handle, handle_of
 from hessd.client._errors import NotFound, from_rpc_error
 from hessd.client._requests import Function, Points, Spectrum
-from hessd.proto import stream
+from hessd.proto import codec, stream
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 
-__all__ = ["Client", "Function", "Spectrum"]
+__all__ = ["Client", "Function", "Handle", "Spectrum"]
 
 # The requests that name a function, and so may carry its spec instead.
 _AboutAFunction = TypeVar("_AboutAFunction", hessd_pb2.ComputeRequest, hessd_pb2.SpectrumRequest)
@@ -118,6 +119,11 @@ def _with_spec(request: _AboutAFunction, f: Function) -> _AboutAFunction:
     return inline
 
 
+def _names_a_resident_tensor(error: NotFound) -> bool:
+    """Whether NOT_FOUND was about a resident tensor (not a function id)."""
+    return "resident tensor" in str(error)
+
+
 def _is_ipv4(host: str) -> bool:
     try:
         ipaddress.IPv4Address(host)
@@ -196,6 +202,26 @@ class _Kinds(abc.ABC):
         """uᵀ J, u (batch, *output_shape): (batch, *wrt_shape)."""
         return self.compute(f, "vjp", points, vector=u, **options)
 
+    def diagonal(self, f: Function, points: Points, **options: Any) -> dict[str, np.ndarray]:
+        """diag(C) of the curvature operator C (f's Hessian, or an objective's operator with
+        data=...): {"diagonal", "std_error"} (batch, p). diagonal_estimator: "exact" (p
+        matvecs; the default up to the server's max_exact_n), "diag++" (the default above),
+        "hutchinson"; num_matvecs, seed."""
+        return self.compute(f, "diagonal", points, **options)
+
+    def solve(self, f: Function, points: Points, b: Any, **options: Any) -> dict[str, np.ndarray]:
+        """(C + damping·I)⁻¹ b by conjugate gradients on the server: {"solution" (batch, p),
+        "iterations", "residual" (relative), "converged"} per point; damping, tolerance,
+        max_iterations."""
+        return self.compute(f, "solve", points, vector=b, **options)
+
+    def gradient_statistics(
+        self, f: Function, points: Points, data: Mapping[str, Any], **options: Any
+    ) -> dict[str, np.ndarray]:
+        """Per-example gradient reductions over `data`: {"gradient" (batch, p), "norms"
+        (batch, N), "variance" (batch, p), "sum_of_squares" (batch, p)}."""
+        return self.compute(f, "gradient_statistics", points, data=data, **options)
+
     def taylor2(self, f: Function, points: Points, **options: Any) -> dict[str, np.ndarray]:
         """Value (batch,), gradient (batch, *in) and Hessian (batch, *in, *in) of a scalar f
         from one pass: the second-order Taylor model f(x+δ) ≈ f + ∇fᵀδ + ½ δᵀHδ."""
@@ -245,6 +271,33 @@ class Client(_Kinds):
         """{"version", "jax_version", "backend", "devices": [...], "limits": {...}}."""
         reply = self._call(self._stub.ServerInfo, hessd_pb2.ServerInfoRequest(), timeout)
         return _requests.server_info_result(reply)
+
+    def put(
+        self, array: Any, dtype: str | np.dtype | None = None, *, timeout: float | None = None
+    ) -> Handle:
+        """Upload an array once; the Handle may then stand wherever an array goes (inputs,
+        shared inputs, vectors, data), and only it travels. Content-addressed: every replica
+        gives the same array the same handle, and a server that has dropped it is given it
+        again by the next call that needs it. Large arrays stream."""
+        array = np.ascontiguousarray(array if dtype is None else np.asarray(array, dtype))
+        request = hessd_pb2.PutRequest()
+        if array.nbytes <= self.stream_threshold:
+            codec.encode(array, out=request.tensor)
+            reply = self._call(self._stub.Put, request, timeout)
+        else:
+            codec.encode(array, out=request.tensor, data=False)
+            messages = stream.send("put_request", request, [array])
+            try:
+                reply = self._stub.PutStream(messages, **self._call_options(timeout))
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+        if reply.handle != handle_of(array):
+            raise AssertionError("the server's handle differs from the array's content address")
+        return Handle(reply.handle, array)
+
+    def _put_again(self, handles: Sequence[Handle], timeout: float | None) -> None:
+        for handle in handles:
+            self.put(handle.array, timeout=timeout)
 
     def register(
         self,
@@ -298,13 +351,17 @@ class Client(_Kinds):
         chunks (ComputeStream): faster than one large message, and not capped at 2 GiB."""
         call = _requests.compute_request(f, kind, points, **options)
         if max(call.input_bytes, call.output_bytes) <= self.stream_threshold:
-            return call.result(self._call_on(f, self._stub.Compute, call.filled(), timeout))
+            reply = self._call_on(f, self._stub.Compute, call.filled(), timeout, call.handles)
+            return call.result(reply)
         try:
             return self._streamed(call, timeout)
-        except NotFound:
-            if f.spec is None:
+        except NotFound as e:
+            if _names_a_resident_tensor(e):
+                self._put_again(call.handles, timeout)
+            elif f.spec is None:
                 raise
-            call.request = _with_spec(call.request, f)
+            else:
+                call.request = _with_spec(call.request, f)
             return self._streamed(call, timeout)
 
     def _streamed(
@@ -335,8 +392,9 @@ class Client(_Kinds):
         num_matvecs, trace_estimator, seed, grid_size, tol, gtol, sigma) that are 0 or None
         take the server's defaults; one that does not apply to `method` is refused.
         """
-        request = _requests.spectrum_request(f, points, method, **options)
-        return _requests.spectrum_result(self._call_on(f, self._stub.Spectrum, request, timeout))
+        request, handles = _requests.spectrum_request(f, points, method, **options)
+        reply = self._call_on(f, self._stub.Spectrum, request, timeout, handles)
+        return _requests.spectrum_result(reply)
 
     def _call_on(
         self,
@@ -344,16 +402,32 @@ class Client(_Kinds):
         method: Callable[..., Any],
         request: _AboutAFunction,
         timeout: float | None,
+        handles: Sequence[Handle] = (),
     ) -> Any:
         """Call about f; if the server does not know f (restarted, or another replica), call
-        once more with f's spec inline, which registers it on whichever replica answers.
-        Ids are content-addressed, so f.id stays valid everywhere."""
+        once more with f's spec inline, which registers it on whichever replica answers;
+        if it lacks a resident tensor the call names, put those again and call once more.
+        Ids and handles are content-addressed, so both stay valid everywhere."""
         try:
             return self._call(method, request, timeout)
-        except NotFound:
-            if f.spec is None:
+        except NotFound as e:
+            if _names_a_resident_tensor(e) and handles:
+                self._put_again(handles, timeout)
+            elif f.spec is None:
                 raise
-            return self._call(method, _with_spec(request, f), timeout)
+            else:
+                request = _with_spec(request, f)
+        try:
+            return self._call(method, request, timeout)
+        except NotFound as e:
+            # A function the server had dropped and a tensor it lacks may come one by one.
+            if _names_a_resident_tensor(e) and handles:
+                self._put_again(handles, timeout)
+            elif f.spec is not None and not request.HasField("spec"):
+                request = _with_spec(request, f)
+            else:
+                raise
+            return self._call(method, request, timeout)
 
     def _call(self, method: Callable[..., Any], request: Message, timeout: float | None) -> Any:
         try:

@@ -10,9 +10,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from hessd.client._data import Handle, describe, encode_objective
 from hessd.client._errors import InvalidArgument
 from hessd.proto import codec, stream
 from hessd.proto.kinds import (
+    DiagonalEstimator,
     JacobianMode,
     Kind,
     Layout,
@@ -32,7 +34,7 @@ def _wire(member: Any) -> int:
     return member.wire
 
 
-E = TypeVar("E", Kind, JacobianMode, Layout, Method, TraceEstimator)
+E = TypeVar("E", Kind, JacobianMode, Layout, Method, TraceEstimator, DiagonalEstimator)
 
 Points = Any  # an array-like (batch, *shape), or a mapping of input name to one
 Wrt = str | Sequence[str] | None
@@ -143,6 +145,7 @@ class ComputeCall:
     arrays: list[np.ndarray]
     output_bytes: int  # what the result will weigh, from shapes alone
     unpack: int | None = None  # n, to unpack a packed Hessian into (n, n)
+    handles: list[Handle] = dataclasses.field(default_factory=list)  # resident tensors named
 
     @property
     def input_bytes(self) -> int:
@@ -189,6 +192,19 @@ def compute_request(
     output_dtype: str | None = None,
     packed: bool = False,
     unpack: bool = True,
+    data: Mapping[str, Any] | None = None,
+    loss: str | None = None,
+    operator: str = "hessian",
+    reduction: str = "mean",
+    chunk_size: int = 0,
+    target: str = "y",
+    mc_samples: int = 0,
+    seed: int = 0,
+    diagonal_estimator: str | None = None,
+    num_matvecs: int = 0,
+    damping: float = 0.0,
+    tolerance: float = 0.0,
+    max_iterations: int = 0,
 ) -> ComputeCall:
     try:
         the_kind = Kind.parse(kind)
@@ -214,9 +230,20 @@ def compute_request(
         shared=shared,
         output_dtype=wire_dtype,
         packed=packed,
+        diagonal_estimator=None
+        if diagonal_estimator is None
+        else _option(DiagonalEstimator, diagonal_estimator, "diagonal_estimator").wire,
+        num_matvecs=num_matvecs,
+        seed=seed if the_kind is Kind.DIAGONAL else 0,
+        damping=damping,
+        tolerance=tolerance,
+        max_iterations=max_iterations,
     )
-    arrays, batch = _encode_points(f, points, shared, request)
-    variable = _variable_shape(f, wrt, flatten)
+    over_data = data is not None
+    arrays, batch, handles = _encode_points(f, points, shared, request, exclude=set(data or ()))
+    variable = _variable_shape(f, wrt, flatten or over_data or the_kind.is_curvature)
+    if over_data or the_kind.is_curvature:
+        variable = (math.prod(variable),)
     if vector is not None:
         if not the_kind.takes_vector:
             raise InvalidArgument(
@@ -225,13 +252,29 @@ def compute_request(
                 + " do"
             )
         shape = f.output_shape if the_kind.vector_is_output_shaped else variable
-        arrays.append(_checked(vector, shape, f.dtype, the_kind.vector_name))
-        codec.encode(arrays[-1], out=request.vector, data=False)
+        if isinstance(vector, Handle):
+            _check_handle(vector, shape, f.dtype, the_kind.vector_name)
+            describe(vector, request.vector)
+            handles.append(vector)
+        else:
+            arrays.append(_checked(vector, shape, f.dtype, the_kind.vector_name))
+            codec.encode(arrays[-1], out=request.vector, data=False)
+    if data is not None:
+        data_arrays, data_handles = encode_objective(
+            request.objective, f.inputs, f.dtype, data, loss=loss, operator=operator,
+            reduction=reduction, chunk_size=chunk_size, target=target, seed=seed,
+            mc_samples=mc_samples,
+        )  # fmt: skip
+        arrays += data_arrays
+        handles += data_handles
     shapes = result_shapes(
-        the_kind, variable, f.output_shape, layout=the_layout, packed=packed, order=order
-    )
+        the_kind, variable, () if over_data else f.output_shape, layout=the_layout,
+        packed=packed, order=order,
+    )  # fmt: skip
     elements = sum(math.prod(s) for s in shapes.values())
-    call = ComputeCall(request, arrays, (batch or 0) * elements * out_dtype.itemsize)
+    call = ComputeCall(
+        request, arrays, (batch or 0) * elements * out_dtype.itemsize, handles=handles
+    )
     if packed and unpack:
         call.unpack = math.prod(variable)
     return call
@@ -255,7 +298,15 @@ def spectrum_request(
     tol: float | None = None,
     gtol: float | None = None,
     sigma: float | None = None,
-) -> hessd_pb2.SpectrumRequest:
+    data: Mapping[str, Any] | None = None,
+    loss: str | None = None,
+    operator: str = "hessian",
+    reduction: str = "mean",
+    chunk_size: int = 0,
+    target: str = "y",
+    mc_samples: int = 0,
+) -> tuple[hessd_pb2.SpectrumRequest, list[Handle]]:
+    """The SpectrumRequest, its tensors' bytes in it, and the handles it names."""
     request = hessd_pb2.SpectrumRequest(
         function_id=f.id,
         wrt=_names(wrt),
@@ -277,8 +328,18 @@ def spectrum_request(
     for name, value in (("tol", tol), ("gtol", gtol), ("sigma", sigma)):
         if value is not None:
             setattr(request, name, value)
-    _encode_points(f, points, shared, request, data=True)
-    return request
+    _, _, handles = _encode_points(f, points, shared, request, data=True, exclude=set(data or ()))
+    if data is not None:
+        arrays, data_handles = encode_objective(
+            request.objective, f.inputs, f.dtype, data, loss=loss, operator=operator,
+            reduction=reduction, chunk_size=chunk_size, target=target, seed=seed,
+            mc_samples=mc_samples,
+        )  # fmt: skip
+        named = [t for t in request.objective.data if not t.tensor.handle]
+        for item, array in zip(named, arrays, strict=True):
+            item.tensor.data = codec.little_endian(array).tobytes()
+        handles += data_handles
+    return request, handles
 
 
 def spectrum_result(reply: hessd_pb2.SpectrumResponse) -> Spectrum:
@@ -337,26 +398,51 @@ def _encode_points(
     shared: Sequence[str],
     request: hessd_pb2.ComputeRequest | hessd_pb2.SpectrumRequest,
     data: bool = False,
-) -> tuple[list[np.ndarray], int | None]:
-    """Check `points` against f's inputs and describe them in request.inputs (with their
-    bytes if `data`); return the arrays in order and the batch size (None if all shared)."""
+    exclude: set[str] | frozenset[str] = frozenset(),
+) -> tuple[list[np.ndarray], int | None, list[Handle]]:
+    """Check `points` against f's inputs (those not in `exclude`, which come from a data
+    set) and describe them in request.inputs (with their bytes if `data`); return the arrays
+    whose bytes travel, in order, the batch size (None if all shared), and the handles."""
+    names = [n for n in f.inputs if n not in exclude]
     if not isinstance(points, Mapping):
-        if len(f.inputs) != 1:
+        if len(names) != 1:
             raise InvalidArgument(
-                f"this function has inputs {list(f.inputs)}; pass a dict of arrays, one per input"
+                f"this function has inputs {names}"
+                + (" besides its data" if exclude else "")
+                + "; pass a dict of arrays, one per input"
             )
-        points = {next(iter(f.inputs)): points}
-    if sorted(points) != sorted(f.inputs):
-        raise InvalidArgument(f"the function takes inputs {list(f.inputs)}; got {sorted(points)}")
+        points = {names[0]: points}
+    if sorted(points) != sorted(names):
+        raise InvalidArgument(
+            f"the function takes inputs {names}"
+            + (" besides its data" if exclude else "")
+            + f"; got {sorted(points)}"
+        )
     if unknown := [n for n in shared if n not in f.inputs]:
         raise InvalidArgument(f"shared={unknown[0]!r} is not an input; inputs are {list(f.inputs)}")
     batch = None
     arrays = []
+    handles: list[Handle] = []
     for name, shape in f.inputs.items():
+        if name in exclude:
+            continue
+        value = points[name]
+        if isinstance(value, Handle):
+            is_shared = name in shared
+            _check_handle(value, shape, f.dtype, f"input {name!r}", batched=not is_shared)
+            describe(value, request.inputs.add(name=name).tensor)
+            handles.append(value)
+            if not is_shared:
+                if batch is not None and value.shape[0] != batch:
+                    raise InvalidArgument(
+                        f"input {name!r} has {value.shape[0]} points, others have {batch}"
+                    )
+                batch = value.shape[0]
+            continue
         if name in shared:
-            array = _checked(points[name], shape, f.dtype, f"shared input {name!r}", batched=False)
+            array = _checked(value, shape, f.dtype, f"shared input {name!r}", batched=False)
         else:
-            array = _checked(points[name], shape, f.dtype, f"input {name!r}")
+            array = _checked(value, shape, f.dtype, f"input {name!r}")
             if batch is not None and array.shape[0] != batch:
                 raise InvalidArgument(
                     f"input {name!r} has {array.shape[0]} points, others have {batch}"
@@ -364,7 +450,20 @@ def _encode_points(
             batch = array.shape[0]
         codec.encode(array, out=request.inputs.add(name=name).tensor, data=data)
         arrays.append(array)
-    return arrays, batch
+    return arrays, batch, handles
+
+
+def _check_handle(
+    handle: Handle, shape: tuple[int, ...], dtype: np.dtype, what: str, batched: bool = True
+) -> None:
+    """A resident tensor must already be what the call needs: it is never converted."""
+    want = f"(batch, *{shape})" if batched else str(shape)
+    fits = handle.shape[1:] == shape if batched else handle.shape == shape
+    if not fits or handle.dtype != dtype:
+        raise InvalidArgument(
+            f"{what} is a resident tensor of shape {handle.shape} {handle.dtype.name}; the call "
+            f"needs {want} {dtype.name}: put it again with that shape and dtype"
+        )
 
 
 def _checked(

@@ -15,6 +15,13 @@ and output of shape `out`, per point:
     taylor2    out == ()           value (), gradient in, hessian in + in
     taylor     d: in, order k      (k,) + out: d^j/dt^j f(x + t d) at t = 0, j = 1..k
 
+The curvature kinds work on the flat variable (p,) and an operator C (the Hessian of a
+scalar f, or of an objective over a data set, or its GGN or Fisher; see Objective):
+
+    diagonal             -        diagonal (p,), std_error (p,)
+    solve                b: (p,)  solution (p,), iterations (), residual (), converged ()
+    gradient_statistics  data     gradient (p,), norms (N,), variance (p,), sum_of_squares (p,)
+
 With several `wrt` inputs and no `flatten`, gradient, jacobian and vjp come per input (named
 by input) and hessian per block ("a,b" for ∂²f/∂a∂b).
 
@@ -35,12 +42,17 @@ from hessd.proto.v1 import hessd_pb2
 
 __all__ = [
     "MAX_TAYLOR_ORDER",
+    "BuiltinLoss",
+    "DiagonalEstimator",
     "JacobianMode",
     "Kind",
     "Layout",
     "Method",
+    "Operator",
     "PointClass",
+    "Reduction",
     "TraceEstimator",
+    "curvature_shapes",
     "pack_triangles",
     "result_shapes",
     "spectrum_shapes",
@@ -99,16 +111,25 @@ class Kind(_WireEnum):
     VJP = "vjp"
     TAYLOR2 = "taylor2"
     TAYLOR = "taylor"
+    DIAGONAL = "diagonal"
+    SOLVE = "solve"
+    GRADIENT_STATISTICS = "gradient_statistics"
 
     @property
     def needs_scalar(self) -> bool:
-        """Whether f must have a scalar output."""
-        return self in (Kind.GRADIENT, Kind.HVP, Kind.TAYLOR2)
+        """Whether f must have a scalar output (or, with a loss, the objective does)."""
+        return self in (Kind.GRADIENT, Kind.HVP, Kind.TAYLOR2) or self.is_curvature
+
+    @property
+    def is_curvature(self) -> bool:
+        """The kinds of an operator over the flat variable: always computed by the curvature
+        module, with or without an objective."""
+        return self in (Kind.DIAGONAL, Kind.SOLVE, Kind.GRADIENT_STATISTICS)
 
     @property
     def takes_vector(self) -> bool:
         """Whether a request sends one vector per point (`vector`)."""
-        return self in (Kind.HVP, Kind.JVP, Kind.VJP, Kind.TAYLOR)
+        return self in (Kind.HVP, Kind.JVP, Kind.VJP, Kind.TAYLOR, Kind.SOLVE)
 
     @property
     def vector_is_output_shaped(self) -> bool:
@@ -118,7 +139,12 @@ class Kind(_WireEnum):
     @property
     def vector_name(self) -> str:
         """What the vector is called in messages ("the hvp v")."""
-        names = {Kind.HVP: "v", Kind.JVP: "tangent t", Kind.VJP: "cotangent u"}
+        names = {
+            Kind.HVP: "v",
+            Kind.JVP: "tangent t",
+            Kind.VJP: "cotangent u",
+            Kind.SOLVE: "right-hand side b",
+        }
         return f"the {self.value} " + names.get(self, "direction d")
 
     @property
@@ -161,6 +187,36 @@ class TraceEstimator(_WireEnum):
     HUTCHINSON = "hutchinson"
 
 
+class Operator(_WireEnum):
+    """The curvature matrix of an objective (the wire's CurvatureOperator)."""
+
+    HESSIAN_OPERATOR = "hessian"
+    GGN = "ggn"
+    FISHER = "fisher"
+    EMPIRICAL_FISHER = "empirical_fisher"
+
+    @property
+    def needs_loss(self) -> bool:
+        """GGN and Fisher need the model and its loss given apart."""
+        return self in (Operator.GGN, Operator.FISHER)
+
+
+class Reduction(_WireEnum):
+    MEAN = "mean"
+    SUM = "sum"
+
+
+class BuiltinLoss(_WireEnum):
+    MSE = "mse"
+    SOFTMAX_CROSS_ENTROPY = "softmax_cross_entropy"
+
+
+class DiagonalEstimator(_WireEnum):
+    EXACT_DIAGONAL = "exact"
+    HUTCHINSON_DIAGONAL = "hutchinson"
+    DIAG_PP = "diag++"
+
+
 class PointClass(_WireEnum):
     """What a point is, from the signs of the Hessian's extreme eigenvalues."""
 
@@ -177,8 +233,14 @@ _WIRE_TYPES: dict[type[_WireEnum], Any] = {
     Method: hessd_pb2.SpectrumMethod,
     TraceEstimator: hessd_pb2.TraceEstimator,
     PointClass: hessd_pb2.PointClass,
+    Operator: hessd_pb2.CurvatureOperator,
+    Reduction: hessd_pb2.Reduction,
+    BuiltinLoss: hessd_pb2.BuiltinLoss,
+    DiagonalEstimator: hessd_pb2.DiagonalEstimator,
 }
 _DEFAULTS: dict[type[_WireEnum], _WireEnum] = {
+    Operator: Operator.HESSIAN_OPERATOR,
+    Reduction: Reduction.MEAN,
     JacobianMode: JacobianMode.AUTO,
     Layout: Layout.NUMERATOR,
     Method: Method.EXACT,
@@ -242,7 +304,23 @@ def result_shapes(
             shape = (order, *out)
         case Kind.TAYLOR2:
             return {"value": (), "gradient": x, "hessian": x + x}
+        case Kind.DIAGONAL | Kind.SOLVE | Kind.GRADIENT_STATISTICS:
+            return curvature_shapes(kind, math.prod(x))
     return {"output": shape}
+
+
+def curvature_shapes(kind: Kind, p: int, examples: int = 0) -> dict[str, Shape]:
+    """Each result of a curvature kind at one point, for a flat variable of p elements and
+    a data set of `examples` examples."""
+    match kind:
+        case Kind.DIAGONAL:
+            return {"diagonal": (p,), "std_error": (p,)}
+        case Kind.SOLVE:
+            return {"solution": (p,), "iterations": (), "residual": (), "converged": ()}
+        case Kind.GRADIENT_STATISTICS:
+            shapes: dict[str, Shape] = {"gradient": (p,), "norms": (examples,), "variance": (p,)}
+            return shapes | {"sum_of_squares": (p,)}
+    raise ValueError(f"{kind.value} is not a curvature kind")
 
 
 def spectrum_shapes(

@@ -23,14 +23,19 @@ __all__ = ["CHUNK_BYTES", "Header", "receive", "send", "tensors"]
 CHUNK_BYTES = 1 << 20
 
 # The messages a stream starts with: its header, whose tensors' bytes follow in chunks.
-Header = hessd_pb2.ComputeRequest | hessd_pb2.ComputeResponse
+Header = hessd_pb2.ComputeRequest | hessd_pb2.ComputeResponse | hessd_pb2.PutRequest
 
 
 def tensors(message: Header) -> list[tuple[str, hessd_pb2.Tensor]]:
-    """The (name, Tensor) fields of a ComputeRequest or ComputeResponse, in stream order."""
+    """The (name, Tensor) fields of a header whose bytes the stream carries, in stream
+    order; tensors that name a resident tensor (handle) carry none."""
+    if isinstance(message, hessd_pb2.PutRequest):
+        return [("the tensor to put", message.tensor)]
     if isinstance(message, hessd_pb2.ComputeRequest):
         named = [(f"input {t.name!r}", t.tensor) for t in message.inputs]
-        return named + ([("vector", message.vector)] if message.HasField("vector") else [])
+        named += [("vector", message.vector)] if message.HasField("vector") else []
+        named += [(f"data {t.name!r}", t.tensor) for t in message.objective.data]
+        return [(what, tensor) for what, tensor in named if not tensor.handle]
     named = [("output", message.output)] if message.HasField("output") else []
     return named + [(t.name, t.tensor) for t in message.outputs]
 
@@ -45,6 +50,12 @@ def send(
 def send(
     field: Literal["compute_response"],
     header: hessd_pb2.ComputeResponse,
+    arrays: Sequence[np.ndarray],
+) -> Iterator[hessd_pb2.StreamMessage]: ...
+@overload
+def send(
+    field: Literal["put_request"],
+    header: hessd_pb2.PutRequest,
     arrays: Sequence[np.ndarray],
 ) -> Iterator[hessd_pb2.StreamMessage]: ...
 def send(
@@ -68,6 +79,10 @@ def receive(
 def receive(
     messages: Iterable[hessd_pb2.StreamMessage], field: Literal["compute_response"], max_bytes: int
 ) -> tuple[hessd_pb2.ComputeResponse, list[memoryview]]: ...
+@overload
+def receive(
+    messages: Iterable[hessd_pb2.StreamMessage], field: Literal["put_request"], max_bytes: int
+) -> tuple[hessd_pb2.PutRequest, list[memoryview]]: ...
 def receive(
     messages: Iterable[hessd_pb2.StreamMessage], field: str, max_bytes: int
 ) -> tuple[Header, list[memoryview]]:

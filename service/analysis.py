@@ -35,6 +35,13 @@ from jax.typing import DTypeLike
 
 from hessd.proto.kinds import Method, PointClass, TraceEstimator, spectrum_shapes
 from hessd.service import spectral
+from hessd.service.curvature import (
+    NO_DATA,
+    POINTS_PER_RUN,
+    Objective,
+    PointOperator,
+    batched_transform,
+)
 from hessd.service.engine import EngineRequest
 from hessd.service.errors import InvalidArgument
 from hessd.service.kinds import shared_indices
@@ -91,6 +98,7 @@ class SpectrumRequest(EngineRequest):
     tol: float | None = None
     gtol: float | None = None
     sigma: float | None = None
+    objective: Objective = NO_DATA
 
     @property
     def label(self) -> str:
@@ -120,60 +128,47 @@ class SpectrumRequest(EngineRequest):
                 per_point = (self.num_steps + 4) * n * max(1, self.num_probes)
             case Method.TRACE:
                 per_point = (self.num_matvecs + 4) * n
-        return max(1, STATE_BYTES_PER_CHUNK // (per_point * itemsize))
+        fit = max(1, STATE_BYTES_PER_CHUNK // (per_point * itemsize))
+        return min(fit, POINTS_PER_RUN) if self.objective.present else fit
 
     def transform(self, program: Program) -> Callable[..., Any]:
-        return program.spectrum_transform(self)
+        return batched_transform(program, self, lambda op, _: self.at_a_point(op))
 
-    def at_a_point(self, program: Program, fn: Callable[..., jax.Array]) -> Callable[..., Any]:
-        """g(*inputs): the results at one point of f = fn(*inputs), by name."""
-        shape = self.wrt.shape(program)
-        n = math.prod(shape)
+    def vector_signature(self, program: Program) -> list[tuple[tuple[int, ...], np.dtype]]:
+        return []
 
-        def g(*inputs: jax.Array) -> dict[str, jax.Array]:
-            f_x, x = self.wrt.view(program, fn, inputs)
-            x = x.reshape(n)
+    def at_a_point(self, op: PointOperator) -> dict[str, jax.Array]:
+        """The results at one point, by name, from the point's operator (the Hessian of
+        f, or an objective's curvature operator) and gradient."""
+        n = op.theta.shape[0]
+        x = op.theta
+        hvp = op.matvec
+        result = {"gradient_norm": jnp.linalg.norm(op.gradient())}
+        # The wire's seed is a uint64; JAX's is an int64: the same 64 bits.
+        key = jax.random.key(self.seed - (1 << 64) if self.seed >= 1 << 63 else self.seed)
+        match self.method:
+            case Method.EXACT:
+                result |= self._exact(op)
+            case Method.LANCZOS:
+                result |= self._lanczos(hvp, n, key, x.dtype)
+            case Method.TRACE:
+                estimate = self._trace_estimator()(hvp, n, self.num_matvecs, key, dtype=x.dtype)
+                result |= {"trace": estimate.trace, "trace_std_error": estimate.std_error}
+            case Method.DENSITY:
+                result |= self._density(hvp, n, key, x.dtype)
+        match self.method:
+            case Method.EXACT | Method.LANCZOS:
+                values = result["eigenvalues"]
+                result |= self._classify(values[0], values[-1], result["gradient_norm"])
+            case Method.DENSITY:
+                # The extreme Ritz values of the SLQ runs: Lanczos finds the ends of
+                # the spectrum first, exactly once num_steps reaches n.
+                nodes = result["nodes"]
+                result |= self._classify(jnp.min(nodes), jnp.max(nodes), result["gradient_norm"])
+        return result
 
-            def f_flat(z: jax.Array) -> jax.Array:
-                return f_x(z.reshape(shape))
-
-            grad = jax.grad(f_flat)(x)
-            result = {"gradient_norm": jnp.linalg.norm(grad)}
-
-            def hvp(v: jax.Array) -> jax.Array:
-                return jax.jvp(jax.grad(f_flat), (x,), (v,))[1]
-
-            # The wire's seed is a uint64; JAX's is an int64: the same 64 bits.
-            key = jax.random.key(self.seed - (1 << 64) if self.seed >= 1 << 63 else self.seed)
-            match self.method:
-                case Method.EXACT:
-                    result |= self._exact(f_flat, x)
-                case Method.LANCZOS:
-                    result |= self._lanczos(hvp, n, key, x.dtype)
-                case Method.TRACE:
-                    estimate = self._trace_estimator()(hvp, n, self.num_matvecs, key, dtype=x.dtype)
-                    result |= {"trace": estimate.trace, "trace_std_error": estimate.std_error}
-                case Method.DENSITY:
-                    result |= self._density(hvp, n, key, x.dtype)
-            match self.method:
-                case Method.EXACT | Method.LANCZOS:
-                    values = result["eigenvalues"]
-                    result |= self._classify(values[0], values[-1], result["gradient_norm"])
-                case Method.DENSITY:
-                    # The extreme Ritz values of the SLQ runs: Lanczos finds the ends of
-                    # the spectrum first, exactly once num_steps reaches n.
-                    nodes = result["nodes"]
-                    result |= self._classify(
-                        jnp.min(nodes), jnp.max(nodes), result["gradient_norm"]
-                    )
-            return result
-
-        return g
-
-    def _exact(
-        self, f_flat: Callable[[jax.Array], jax.Array], x: jax.Array
-    ) -> dict[str, jax.Array]:
-        hessian = jax.hessian(f_flat)(x)
+    def _exact(self, op: PointOperator) -> dict[str, jax.Array]:
+        hessian = op.dense()
         if self.eigenvectors:
             values, vectors = jnp.linalg.eigh(hessian)
             return {"eigenvalues": values, "eigenvectors": vectors}
@@ -268,15 +263,15 @@ def make_spectrum_request(
     gtol: float | None = None,
     sigma: float | None = None,
     max_exact_n: int = 4096,
+    objective: Objective = NO_DATA,
 ) -> SpectrumRequest:
     """Check the options against the method and the function; fill in the defaults.
 
     Every option belongs to some methods; one given to another method is refused rather
     than ignored, so that a request never means something other than it says.
     """
-    program.check_spectrum()
     variable = program.wrt(wrt, flatten=True)
-    if program.output_shape != ():
+    if program.output_shape != () and objective.loss is None:
         raise InvalidArgument(
             f"spectrum needs a scalar-output function; this function's output has shape "
             f"{program.output_shape}. Reduce it to a scalar (e.g. sum(...)) first"
@@ -354,4 +349,5 @@ def make_spectrum_request(
         tol=tol,
         gtol=gtol,
         sigma=sigma,
+        objective=objective,
     )

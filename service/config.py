@@ -49,6 +49,14 @@ class ServerConfig:
         "RESOURCE_EXHAUSTED",
     )
     executable_cache_size: int = _field(256, "compiled executables kept (LRU)")
+    max_resident_bytes: int = _field(
+        4 << 30, "bytes of resident tensors (Put) kept, least recently used evicted first"
+    )
+    chunk_bytes: int = _field(
+        0,
+        "intermediates one pass over a data set may hold per run, which sets the examples "
+        "per chunk; 0: an eighth of the device's memory (256 MiB on the CPU)",
+    )
     max_functions: int = _field(4096, "registered functions kept (LRU)")
     max_expression_chars: int = _field(20_000, "longest expression source accepted")
     allow_jax_export: bool = _field(

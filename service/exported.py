@@ -19,7 +19,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +32,13 @@ from jax._src.lib.mlir import ir
 
 from hessd.proto.kinds import JacobianMode, Kind
 from hessd.proto.v1 import hessd_pb2
+from hessd.service import primitives
 from hessd.service.errors import InvalidArgument, PermissionDenied
+from hessd.service.primitives import Primitives
 from hessd.service.program import InputSignature, Program, check_inputs, function_id
-from hessd.service.variable import FunctionOfVariable
+from hessd.service.variable import FunctionOfVariable, Wrt
 
 if TYPE_CHECKING:
-    from hessd.service.analysis import SpectrumRequest
     from hessd.service.kinds import Request
 
 __all__ = ["ALLOWED_CUSTOM_CALLS", "ExportProgram", "build_program", "check_module"]
@@ -89,15 +90,9 @@ class ExportProgram(Program):
     def kind_transform(self, request: Request) -> Callable[..., Any]:
         return _batched_transform(request, self)
 
-    def check_spectrum(self) -> NoReturn:
-        raise InvalidArgument(
-            "spectrum of a jax_export function is not supported: its artifact neither vmaps "
-            "nor runs forward mode, which the spectral methods need per point. Register the "
-            "function as an expression, or compute hvp/hessian with Compute"
-        )
-
-    def spectrum_transform(self, request: SpectrumRequest) -> NoReturn:
-        self.check_spectrum()
+    def primitives(self, wrt: Wrt) -> Primitives:
+        # The artifact runs reverse mode at a batch of rows only: primitives.from_batched.
+        return primitives.from_batched(self, wrt, self.batched_fn)
 
 
 def build_program(spec: hessd_pb2.FunctionSpec, allow: bool) -> ExportProgram:

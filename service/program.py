@@ -9,7 +9,7 @@ import hashlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,13 +17,11 @@ import numpy as np
 from hessd.proto import codec
 from hessd.proto.kinds import JacobianMode, Kind
 from hessd.proto.v1 import hessd_pb2
-from hessd.service import kinds
+from hessd.service import kinds, primitives
 from hessd.service.errors import InvalidArgument
 from hessd.service.expression import ExpressionLimits, compile_expression
+from hessd.service.primitives import Primitives
 from hessd.service.variable import Wrt
-
-if TYPE_CHECKING:
-    from hessd.service.analysis import SpectrumRequest
 
 __all__ = [
     "ExpressionProgram",
@@ -94,12 +92,9 @@ class Program(abc.ABC):
         the request's layout and per-input split."""
 
     @abc.abstractmethod
-    def check_spectrum(self) -> None:
-        """InvalidArgument unless the spectral methods apply to this program."""
-
-    @abc.abstractmethod
-    def spectrum_transform(self, request: SpectrumRequest) -> Callable[..., Any]:
-        """g(*inputs) at a batch of points: the dict of the request's spectrum results."""
+    def primitives(self, wrt: Wrt) -> Primitives:
+        """value, vjp, jvp and hvp at one point over the flat variable of `wrt`, vmappable
+        at any depth: what curvature operators and the spectral methods are built from."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -121,11 +116,8 @@ class ExpressionProgram(Program):
             per_point, in_axes=(*self._in_axes(request.shared), *[0] * request.takes_vector)
         )
 
-    def check_spectrum(self) -> None:
-        return None
-
-    def spectrum_transform(self, request: SpectrumRequest) -> Callable[..., Any]:
-        return jax.vmap(request.at_a_point(self, self.fn), in_axes=self._in_axes(request.shared))
+    def primitives(self, wrt: Wrt) -> Primitives:
+        return primitives.from_point(self, wrt, self.fn)
 
     def _in_axes(self, shared: tuple[int, ...]) -> list[int | None]:
         return [None if i in shared else 0 for i in range(len(self.inputs))]

@@ -6,6 +6,7 @@ a bug, logged with its traceback and answered INTERNAL. The server keeps serving
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import logging
@@ -20,9 +21,19 @@ import jax
 import numpy as np
 
 from hessd.proto import codec, stream
-from hessd.proto.kinds import JacobianMode, Kind, Layout, Method, TraceEstimator
+from hessd.proto.kinds import (
+    BuiltinLoss,
+    DiagonalEstimator,
+    JacobianMode,
+    Kind,
+    Layout,
+    Method,
+    Operator,
+    Reduction,
+    TraceEstimator,
+)
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
-from hessd.service import analysis, kinds
+from hessd.service import analysis, curvature, kinds, objective
 from hessd.service.batcher import Batcher
 from hessd.service.config import ServerConfig
 from hessd.service.engine import Engine, EngineRequest, Output
@@ -35,12 +46,25 @@ from hessd.service.errors import (
 from hessd.service.metrics import Metrics
 from hessd.service.program import Program
 from hessd.service.registry import Registry
+from hessd.service.resident import ResidentStore
 from hessd.service.security import EXPORT, Tokens
+from hessd.service.variable import Wrt
 
 __all__ = ["HessdServicer"]
 
 logger = logging.getLogger(__name__)
-E = TypeVar("E", Kind, JacobianMode, Layout, Method, TraceEstimator)
+E = TypeVar(
+    "E",
+    Kind,
+    JacobianMode,
+    Layout,
+    Method,
+    TraceEstimator,
+    Operator,
+    Reduction,
+    BuiltinLoss,
+    DiagonalEstimator,
+)
 _Request = TypeVar("_Request")
 _Reply = TypeVar("_Reply")
 # One line per call: id, method, function, kind, points, status, milliseconds.
@@ -90,8 +114,10 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         registry: Registry,
         metrics: Metrics,
         tokens: Tokens,
+        resident: ResidentStore | None = None,
     ):
         self.config = config
+        self.resident = resident or ResidentStore(config.max_resident_bytes)
         self.server_id = uuid.uuid4().hex
         self.engine = engine
         self.batcher = batcher
@@ -155,6 +181,15 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         holds the bytes of streamed tensors by stream name ("input 'x'", "vector")."""
         program = self._program(request, context)
         kind = _enum(Kind, request.kind, "kind")
+        if kind.is_curvature or request.HasField("objective"):
+            return self._compute_curvature(program, kind, request, context, data)
+        for name in ("diagonal_estimator", "num_matvecs", "seed", "damping", "tolerance",
+                     "max_iterations"):  # fmt: skip
+            if getattr(request, name):
+                raise InvalidArgument(
+                    f"{name} does not apply to kind {kind.value}; it applies to diagonal "
+                    "and solve (and fisher's seed is objective.seed)"
+                )
         output_dtype = None
         if request.output_dtype:
             output_dtype = _decode_enum(codec.dtype_from_proto, request.output_dtype)
@@ -170,11 +205,161 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             output_dtype=output_dtype,
             packed=request.packed,
         )
-        args, batch = _decode_inputs(program, request.inputs, task.shared, data)
-        vector = _decode_vector(program, task, request, batch, data)
+        args, batch = _decode_inputs(
+            program, request.inputs, task.shared, data, store=self.resident
+        )
+        vector = _decode_vector(program, task, request, batch, data, store=self.resident)
         if vector is not None:
             args.append(vector)
         return self._run(program, task, args, context)
+
+    def _compute_curvature(
+        self,
+        program: Program,
+        kind: Kind,
+        request: hessd_pb2.ComputeRequest,
+        context: grpc.ServicerContext,
+        data: dict[str, memoryview] | None,
+    ) -> Output:
+        """A Compute over an objective, or of a curvature kind: flat variable, no layout."""
+        defaults = {"jacobian_mode": JacobianMode.AUTO.wire, "layout": Layout.NUMERATOR.wire}
+        for name in ("jacobian_mode", "layout", "order", "packed", "output_dtype"):
+            if getattr(request, name) not in (0, defaults.get(name)):
+                raise InvalidArgument(
+                    f"{name} does not apply to kind {kind.value} "
+                    + ("over an objective" if request.HasField("objective") else "")
+                    + "; its results are over the flat variable (p,)"
+                )
+        estimator = None
+        if request.diagonal_estimator:
+            estimator = _enum(DiagonalEstimator, request.diagonal_estimator, "diagonal_estimator")
+        options = objective.CurvatureOptions(
+            estimator=estimator,
+            num_matvecs=request.num_matvecs,
+            seed=request.seed,
+            damping=request.damping,
+            tolerance=request.tolerance,
+            max_iterations=request.max_iterations,
+        )
+        wrt = program.wrt(tuple(request.wrt), flatten=True)
+        p = sum(math.prod(program.inputs[i].shape) for i in wrt.indices)
+        columns = objective.columns(
+            kind, p, estimator=estimator, num_matvecs=request.num_matvecs,
+            max_exact_n=self.config.max_exact_n,
+        )  # fmt: skip
+        dataset = self._dataset(program, request, wrt, columns, data)
+        args, shared, batch = self._point_args(program, request, wrt, dataset, data)
+        task = objective.make_curvature_request(
+            program,
+            kind,
+            wrt,
+            shared,
+            dataset.objective if dataset else curvature.NO_DATA,
+            options,
+            self.config.max_exact_n,
+        )
+        if task.vector_signature(program):
+            what = kind.vector_name
+            if not request.HasField("vector"):
+                raise InvalidArgument(f"{what} is missing: set vector, one per point")
+            vector = _decode(
+                request.vector, "vector" if data is not None else what, data, self.resident
+            )
+            _check_points(vector, (p,), program.output_dtype, what)
+            if vector.shape[0] != batch:
+                raise InvalidArgument(
+                    f"{what} has {vector.shape[0]} rows but there are {batch} points"
+                )
+            args.append(vector)
+        elif request.HasField("vector"):
+            raise InvalidArgument(f"kind {kind.value} takes no vector")
+        if dataset is not None:
+            task = dataclasses.replace(
+                task, shared=(*shared, *range(len(args), len(args) + len(dataset.arrays)))
+            )
+            args.extend(dataset.arrays)
+        return self._run(program, task, args, context)
+
+    def _dataset(
+        self,
+        program: Program,
+        request: hessd_pb2.ComputeRequest | hessd_pb2.SpectrumRequest,
+        wrt: Wrt,
+        columns: int,
+        data: dict[str, memoryview] | None = None,
+    ) -> objective.DataSet | None:
+        """The request's objective, checked and padded; None without one."""
+        if not request.HasField("objective"):
+            return None
+        message = request.objective
+        arrays: dict[str, np.ndarray] = {}
+        for item in message.data:
+            if item.name in arrays:
+                raise InvalidArgument(f"objective.data {item.name!r} is given twice")
+            what = f"data {item.name!r}"
+            arrays[item.name] = _decode(item.tensor, what, data, self.resident)
+        loss: BuiltinLoss | str | None = None
+        if message.HasField("loss"):
+            match message.loss.WhichOneof("loss"):
+                case "builtin":
+                    loss = _enum(BuiltinLoss, message.loss.builtin, "objective.loss.builtin")
+                case "expression":
+                    loss = message.loss.expression
+                    if len(loss) > self.config.max_expression_chars:
+                        raise ResourceExhausted(
+                            f"objective.loss.expression has {len(loss)} characters, over this "
+                            f"server's limit of {self.config.max_expression_chars}"
+                        )
+                case _:
+                    raise InvalidArgument(
+                        "objective.loss is set but empty: give builtin (mse, "
+                        "softmax_cross_entropy) or an expression"
+                    )
+        options = objective.ObjectiveOptions(
+            data=arrays,
+            reduction=_enum(Reduction, message.reduction, "objective.reduction"),
+            chunk_size=message.chunk_size,
+            operator=_enum(Operator, message.operator, "objective.operator"),
+            loss=loss,
+            target=message.loss.target,
+            seed=message.seed,
+            mc_samples=message.mc_samples,
+        )
+        return objective.make_objective(
+            program,
+            options,
+            wrt,
+            tuple(request.shared),
+            columns,
+            self.config.chunk_bytes or curvature.device_budget(),
+            curvature.device_memory_bytes(),
+        )
+
+    def _point_args(
+        self,
+        program: Program,
+        request: hessd_pb2.ComputeRequest | hessd_pb2.SpectrumRequest,
+        wrt: Wrt,
+        dataset: objective.DataSet | None,
+        data: dict[str, memoryview] | None = None,
+    ) -> tuple[list[np.ndarray], tuple[int, ...], int]:
+        """The inputs that are not data, decoded, with the positions of the shared ones
+        among them and the number of points."""
+        excluded = dataset.names if dataset else frozenset()
+        shared_names = tuple(request.shared)
+        program_shared = kinds.shared_indices(program, shared_names)
+        for i in wrt.indices:
+            if i in program_shared:
+                raise InvalidArgument(
+                    f"wrt input {program.inputs[i].name!r} is shared; the variable has one "
+                    "value per point (checkpoints), so send it with a batch axis"
+                )
+        slots = [i for i, s in enumerate(program.inputs) if s.name not in excluded]
+        args, batch = _decode_inputs(
+            program, request.inputs, program_shared, data, store=self.resident, exclude=excluded
+        )
+        shared = tuple(k for k, i in enumerate(slots) if i in program_shared)
+        return args, shared, batch
 
     @_rpc
     def Spectrum(
@@ -184,6 +369,13 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         estimator = None
         if request.trace_estimator:
             estimator = _enum(TraceEstimator, request.trace_estimator, "trace_estimator")
+        method = _enum(Method, request.method, "method")
+        dataset = None
+        if request.HasField("objective"):
+            wrt = program.wrt(tuple(request.wrt), flatten=True)
+            p = sum(math.prod(program.inputs[i].shape) for i in wrt.indices)
+            columns = objective.columns(None, p, method=method, num_matvecs=request.num_matvecs)
+            dataset = self._dataset(program, request, wrt, columns)
         task = analysis.make_spectrum_request(
             program,
             _enum(Method, request.method, "method"),
@@ -201,8 +393,15 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             gtol=request.gtol if request.HasField("gtol") else None,
             sigma=request.sigma if request.HasField("sigma") else None,
             max_exact_n=self.config.max_exact_n,
+            objective=dataset.objective if dataset else curvature.NO_DATA,
         )
-        args, _ = _decode_inputs(program, request.inputs, task.shared)
+        if dataset is None:
+            args, _ = _decode_inputs(program, request.inputs, task.shared, store=self.resident)
+        else:
+            args, shared, _ = self._point_args(program, request, task.wrt, dataset)
+            data_positions = range(len(args), len(args) + len(dataset.arrays))
+            task = dataclasses.replace(task, shared=(*shared, *data_positions))
+            args.extend(dataset.arrays)
         result = self._run(program, task, args, context)
         assert isinstance(result, dict)  # a spectrum has named fields
         response = hessd_pb2.SpectrumResponse()
@@ -247,6 +446,27 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         return result
 
     @_rpc
+    def Put(
+        self, request: hessd_pb2.PutRequest, context: grpc.ServicerContext
+    ) -> hessd_pb2.PutResponse:
+        array = _decode(request.tensor, "the tensor to put")
+        return hessd_pb2.PutResponse(handle=self.resident.put(array), nbytes=array.nbytes)
+
+    @_rpc
+    def PutStream(
+        self, request_iterator: Iterator[hessd_pb2.StreamMessage], context: grpc.ServicerContext
+    ) -> hessd_pb2.PutResponse:
+        limit = min(self.config.max_request_bytes, self.config.max_resident_bytes)
+        try:
+            header, (buffer,) = stream.receive(request_iterator, "put_request", limit)
+        except codec.LimitExceeded as e:
+            raise ResourceExhausted(f"{e} (--max-resident-bytes, --max-request-bytes)") from None
+        except codec.TensorError as e:
+            raise InvalidArgument(str(e)) from None
+        array = _decode(header.tensor, "the tensor to put", {"the tensor to put": buffer})
+        return hessd_pb2.PutResponse(handle=self.resident.put(array), nbytes=array.nbytes)
+
+    @_rpc
     def ServerInfo(
         self, request: hessd_pb2.ServerInfoRequest, context: grpc.ServicerContext
     ) -> hessd_pb2.ServerInfoResponse:
@@ -269,6 +489,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 max_exact_n=c.max_exact_n,
                 allow_jax_export=c.allow_jax_export,
                 stream_threshold_bytes=stream.CHUNK_BYTES,
+                max_resident_bytes=c.max_resident_bytes,
             ),
         )
 
@@ -360,8 +581,30 @@ def _smaller_result_advice(task: EngineRequest) -> str:
 
 
 def _decode(
-    tensor: hessd_pb2.Tensor, what: str, data: dict[str, memoryview] | None = None
+    tensor: hessd_pb2.Tensor,
+    what: str,
+    data: dict[str, memoryview] | None = None,
+    store: ResidentStore | None = None,
 ) -> np.ndarray:
+    """The array of a Tensor: its bytes (inline, or streamed in `data` under `what`), or
+    the resident tensor its handle names."""
+    if tensor.handle:
+        if store is None:
+            raise InvalidArgument(f"{what} names a resident tensor, which is not accepted here")
+        if tensor.data:
+            raise InvalidArgument(f"{what} has both a handle and data; send one of them")
+        array = store.get(tensor.handle, what)
+        if tensor.dtype and codec.dtype_to_proto(array.dtype) != tensor.dtype:
+            raise InvalidArgument(
+                f"{what}: the resident tensor is {array.dtype.name}, the request says "
+                f"{hessd_pb2.DType.Name(tensor.dtype)}"
+            )
+        if tensor.shape and tuple(tensor.shape) != array.shape:
+            raise InvalidArgument(
+                f"{what}: the resident tensor has shape {array.shape}, the request says "
+                f"{tuple(tensor.shape)}"
+            )
+        return array
     try:
         return codec.decode(tensor, what, None if data is None else data[what])
     except codec.TensorError as e:
@@ -391,20 +634,31 @@ def _decode_inputs(
     named: Iterable[hessd_pb2.NamedTensor],
     shared: tuple[int, ...],
     data: dict[str, memoryview] | None = None,
+    *,
+    store: ResidentStore | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> tuple[list[np.ndarray], int]:
-    """One array per input of `program`, in its order, and the batch size. Each is checked:
-    (batch, *shape), or (*shape) for the shared ones."""
+    """One array per input of `program` not in `exclude` (which come from a data set), in
+    its order, and the batch size. Each is checked: (batch, *shape), or (*shape) for the
+    shared ones."""
     by_name: dict[str, hessd_pb2.Tensor] = {}
     for item in named:
         if item.name in by_name:
             raise InvalidArgument(f"input {item.name!r} is given twice")
         by_name[item.name] = item.tensor
-    expected = [s.name for s in program.inputs]
+    expected = [s.name for s in program.inputs if s.name not in exclude]
+    in_data = sorted(set(by_name) & exclude)
+    if in_data:
+        raise InvalidArgument(
+            f"inputs {in_data} are given both per point and in objective.data; give each once"
+        )
     unknown = sorted(set(by_name) - set(expected))
     missing = [n for n in expected if n not in by_name]
     if unknown or missing:
         raise InvalidArgument(
-            f"the function takes inputs {expected}; "
+            f"the function takes inputs {expected}"
+            + (" besides its data" if exclude else "")
+            + "; "
             + (f"missing {missing}" if missing else "")
             + ("; " if missing and unknown else "")
             + (f"unknown {unknown}" if unknown else "")
@@ -412,8 +666,10 @@ def _decode_inputs(
     arrays = []
     batch = first = None
     for i, signature in enumerate(program.inputs):
+        if signature.name in exclude:
+            continue
         what = f"input {signature.name!r}"
-        array = _decode(by_name[signature.name], what, data)
+        array = _decode(by_name[signature.name], what, data, store)
         if i in shared:
             if array.shape != signature.shape or array.dtype != signature.dtype:
                 raise InvalidArgument(
@@ -441,6 +697,8 @@ def _decode_vector(
     request: hessd_pb2.ComputeRequest,
     batch: int,
     data: dict[str, memoryview] | None = None,
+    *,
+    store: ResidentStore | None = None,
 ) -> np.ndarray | None:
     given = request.HasField("vector")
     if not task.takes_vector:
@@ -454,7 +712,7 @@ def _decode_vector(
     what = task.kind.vector_name
     if not given:
         raise InvalidArgument(f"{what} is missing: set vector, one per point")
-    vector = _decode(request.vector, "vector" if data is not None else what, data)
+    vector = _decode(request.vector, "vector" if data is not None else what, data, store)
     _check_points(vector, task.vector_shape(program), task.vector_dtype(program), what)
     if vector.shape[0] != batch:
         raise InvalidArgument(f"{what} has {vector.shape[0]} rows but there are {batch} points")

@@ -30,6 +30,36 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VJP: _ClassVar[Kind]
     TAYLOR2: _ClassVar[Kind]
     TAYLOR: _ClassVar[Kind]
+    DIAGONAL: _ClassVar[Kind]
+    SOLVE: _ClassVar[Kind]
+    GRADIENT_STATISTICS: _ClassVar[Kind]
+
+class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REDUCTION_UNSPECIFIED: _ClassVar[Reduction]
+    MEAN: _ClassVar[Reduction]
+    SUM: _ClassVar[Reduction]
+
+class CurvatureOperator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CURVATURE_OPERATOR_UNSPECIFIED: _ClassVar[CurvatureOperator]
+    HESSIAN_OPERATOR: _ClassVar[CurvatureOperator]
+    GGN: _ClassVar[CurvatureOperator]
+    FISHER: _ClassVar[CurvatureOperator]
+    EMPIRICAL_FISHER: _ClassVar[CurvatureOperator]
+
+class BuiltinLoss(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUILTIN_LOSS_UNSPECIFIED: _ClassVar[BuiltinLoss]
+    MSE: _ClassVar[BuiltinLoss]
+    SOFTMAX_CROSS_ENTROPY: _ClassVar[BuiltinLoss]
+
+class DiagonalEstimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIAGONAL_ESTIMATOR_UNSPECIFIED: _ClassVar[DiagonalEstimator]
+    EXACT_DIAGONAL: _ClassVar[DiagonalEstimator]
+    HUTCHINSON_DIAGONAL: _ClassVar[DiagonalEstimator]
+    DIAG_PP: _ClassVar[DiagonalEstimator]
 
 class JacobianMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -83,6 +113,24 @@ JVP: Kind
 VJP: Kind
 TAYLOR2: Kind
 TAYLOR: Kind
+DIAGONAL: Kind
+SOLVE: Kind
+GRADIENT_STATISTICS: Kind
+REDUCTION_UNSPECIFIED: Reduction
+MEAN: Reduction
+SUM: Reduction
+CURVATURE_OPERATOR_UNSPECIFIED: CurvatureOperator
+HESSIAN_OPERATOR: CurvatureOperator
+GGN: CurvatureOperator
+FISHER: CurvatureOperator
+EMPIRICAL_FISHER: CurvatureOperator
+BUILTIN_LOSS_UNSPECIFIED: BuiltinLoss
+MSE: BuiltinLoss
+SOFTMAX_CROSS_ENTROPY: BuiltinLoss
+DIAGONAL_ESTIMATOR_UNSPECIFIED: DiagonalEstimator
+EXACT_DIAGONAL: DiagonalEstimator
+HUTCHINSON_DIAGONAL: DiagonalEstimator
+DIAG_PP: DiagonalEstimator
 JACOBIAN_MODE_UNSPECIFIED: JacobianMode
 AUTO: JacobianMode
 FORWARD: JacobianMode
@@ -105,14 +153,16 @@ SADDLE: PointClass
 DEGENERATE: PointClass
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "handle")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    handle: str
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., handle: _Optional[str] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
@@ -158,6 +208,34 @@ class FunctionSpec(_message.Message):
     constants: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     def __init__(self, expression: _Optional[_Union[Expression, _Mapping]] = ..., jax_export: _Optional[_Union[JaxExport, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., constants: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
+class Loss(_message.Message):
+    __slots__ = ("builtin", "expression", "target")
+    BUILTIN_FIELD_NUMBER: _ClassVar[int]
+    EXPRESSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    builtin: BuiltinLoss
+    expression: str
+    target: str
+    def __init__(self, builtin: _Optional[_Union[BuiltinLoss, str]] = ..., expression: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+
+class Objective(_message.Message):
+    __slots__ = ("data", "reduction", "chunk_size", "operator", "loss", "seed", "mc_samples")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MC_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    data: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    reduction: Reduction
+    chunk_size: int
+    operator: CurvatureOperator
+    loss: Loss
+    seed: int
+    mc_samples: int
+    def __init__(self, data: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., chunk_size: _Optional[int] = ..., operator: _Optional[_Union[CurvatureOperator, str]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., seed: _Optional[int] = ..., mc_samples: _Optional[int] = ...) -> None: ...
+
 class RegisterRequest(_message.Message):
     __slots__ = ("spec", "warmup_batch_sizes", "warmup_kinds")
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -179,7 +257,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, function_id: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("function_id", "spec", "kind", "inputs", "vector", "wrt", "jacobian_mode", "layout", "order", "flatten", "shared", "output_dtype", "packed")
+    __slots__ = ("function_id", "spec", "kind", "inputs", "vector", "wrt", "jacobian_mode", "layout", "order", "flatten", "shared", "output_dtype", "packed", "objective", "diagonal_estimator", "num_matvecs", "seed", "damping", "tolerance", "max_iterations")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +271,13 @@ class ComputeRequest(_message.Message):
     SHARED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    DIAGONAL_ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    NUM_MATVECS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     spec: FunctionSpec
     kind: Kind
@@ -206,7 +291,14 @@ class ComputeRequest(_message.Message):
     shared: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DType
     packed: bool
-    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., kind: _Optional[_Union[Kind, str]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., jacobian_mode: _Optional[_Union[JacobianMode, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., order: _Optional[int] = ..., flatten: _Optional[bool] = ..., shared: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., packed: _Optional[bool] = ...) -> None: ...
+    objective: Objective
+    diagonal_estimator: DiagonalEstimator
+    num_matvecs: int
+    seed: int
+    damping: float
+    tolerance: float
+    max_iterations: int
+    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., kind: _Optional[_Union[Kind, str]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., jacobian_mode: _Optional[_Union[JacobianMode, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., order: _Optional[int] = ..., flatten: _Optional[bool] = ..., shared: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., packed: _Optional[bool] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., diagonal_estimator: _Optional[_Union[DiagonalEstimator, str]] = ..., num_matvecs: _Optional[int] = ..., seed: _Optional[int] = ..., damping: _Optional[float] = ..., tolerance: _Optional[float] = ..., max_iterations: _Optional[int] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
     __slots__ = ("output", "outputs")
@@ -217,7 +309,7 @@ class ComputeResponse(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class SpectrumRequest(_message.Message):
-    __slots__ = ("function_id", "spec", "inputs", "shared", "wrt", "method", "eigenvectors", "k", "tol", "gtol", "num_steps", "num_probes", "num_matvecs", "trace_estimator", "seed", "grid_size", "sigma")
+    __slots__ = ("function_id", "spec", "inputs", "shared", "wrt", "method", "eigenvectors", "k", "tol", "gtol", "num_steps", "num_probes", "num_matvecs", "trace_estimator", "seed", "grid_size", "sigma", "objective")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +327,7 @@ class SpectrumRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     GRID_SIZE_FIELD_NUMBER: _ClassVar[int]
     SIGMA_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     spec: FunctionSpec
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
@@ -252,7 +345,8 @@ class SpectrumRequest(_message.Message):
     seed: int
     grid_size: int
     sigma: float
-    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., shared: _Optional[_Iterable[str]] = ..., wrt: _Optional[_Iterable[str]] = ..., method: _Optional[_Union[SpectrumMethod, str]] = ..., eigenvectors: _Optional[bool] = ..., k: _Optional[int] = ..., tol: _Optional[float] = ..., gtol: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_probes: _Optional[int] = ..., num_matvecs: _Optional[int] = ..., trace_estimator: _Optional[_Union[TraceEstimator, str]] = ..., seed: _Optional[int] = ..., grid_size: _Optional[int] = ..., sigma: _Optional[float] = ...) -> None: ...
+    objective: Objective
+    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., shared: _Optional[_Iterable[str]] = ..., wrt: _Optional[_Iterable[str]] = ..., method: _Optional[_Union[SpectrumMethod, str]] = ..., eigenvectors: _Optional[bool] = ..., k: _Optional[int] = ..., tol: _Optional[float] = ..., gtol: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_probes: _Optional[int] = ..., num_matvecs: _Optional[int] = ..., trace_estimator: _Optional[_Union[TraceEstimator, str]] = ..., seed: _Optional[int] = ..., grid_size: _Optional[int] = ..., sigma: _Optional[float] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ...) -> None: ...
 
 class SpectrumResponse(_message.Message):
     __slots__ = ("eigenvalues", "eigenvectors", "gradient_norm", "point_class", "stationary", "tol", "gtol", "residuals", "trace", "trace_std_error", "nodes", "weights", "grid", "density")
@@ -287,14 +381,30 @@ class SpectrumResponse(_message.Message):
     def __init__(self, eigenvalues: _Optional[_Union[Tensor, _Mapping]] = ..., eigenvectors: _Optional[_Union[Tensor, _Mapping]] = ..., gradient_norm: _Optional[_Union[Tensor, _Mapping]] = ..., point_class: _Optional[_Union[Tensor, _Mapping]] = ..., stationary: _Optional[_Union[Tensor, _Mapping]] = ..., tol: _Optional[_Union[Tensor, _Mapping]] = ..., gtol: _Optional[_Union[Tensor, _Mapping]] = ..., residuals: _Optional[_Union[Tensor, _Mapping]] = ..., trace: _Optional[_Union[Tensor, _Mapping]] = ..., trace_std_error: _Optional[_Union[Tensor, _Mapping]] = ..., nodes: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ..., density: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StreamMessage(_message.Message):
-    __slots__ = ("compute_request", "compute_response", "data")
+    __slots__ = ("compute_request", "compute_response", "data", "put_request")
     COMPUTE_REQUEST_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    PUT_REQUEST_FIELD_NUMBER: _ClassVar[int]
     compute_request: ComputeRequest
     compute_response: ComputeResponse
     data: bytes
-    def __init__(self, compute_request: _Optional[_Union[ComputeRequest, _Mapping]] = ..., compute_response: _Optional[_Union[ComputeResponse, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    put_request: PutRequest
+    def __init__(self, compute_request: _Optional[_Union[ComputeRequest, _Mapping]] = ..., compute_response: _Optional[_Union[ComputeResponse, _Mapping]] = ..., data: _Optional[bytes] = ..., put_request: _Optional[_Union[PutRequest, _Mapping]] = ...) -> None: ...
+
+class PutRequest(_message.Message):
+    __slots__ = ("tensor",)
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PutResponse(_message.Message):
+    __slots__ = ("handle", "nbytes")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    nbytes: int
+    def __init__(self, handle: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()
@@ -311,7 +421,7 @@ class Device(_message.Message):
     def __init__(self, id: _Optional[int] = ..., platform: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_request_bytes", "max_output_bytes", "max_batch_bucket", "max_expression_chars", "max_functions", "max_exact_n", "allow_jax_export", "stream_threshold_bytes")
+    __slots__ = ("max_request_bytes", "max_output_bytes", "max_batch_bucket", "max_expression_chars", "max_functions", "max_exact_n", "allow_jax_export", "stream_threshold_bytes", "max_resident_bytes")
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_BUCKET_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +430,7 @@ class Limits(_message.Message):
     MAX_EXACT_N_FIELD_NUMBER: _ClassVar[int]
     ALLOW_JAX_EXPORT_FIELD_NUMBER: _ClassVar[int]
     STREAM_THRESHOLD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_request_bytes: int
     max_output_bytes: int
     max_batch_bucket: int
@@ -328,7 +439,8 @@ class Limits(_message.Message):
     max_exact_n: int
     allow_jax_export: bool
     stream_threshold_bytes: int
-    def __init__(self, max_request_bytes: _Optional[int] = ..., max_output_bytes: _Optional[int] = ..., max_batch_bucket: _Optional[int] = ..., max_expression_chars: _Optional[int] = ..., max_functions: _Optional[int] = ..., max_exact_n: _Optional[int] = ..., allow_jax_export: _Optional[bool] = ..., stream_threshold_bytes: _Optional[int] = ...) -> None: ...
+    max_resident_bytes: int
+    def __init__(self, max_request_bytes: _Optional[int] = ..., max_output_bytes: _Optional[int] = ..., max_batch_bucket: _Optional[int] = ..., max_expression_chars: _Optional[int] = ..., max_functions: _Optional[int] = ..., max_exact_n: _Optional[int] = ..., allow_jax_export: _Optional[bool] = ..., stream_threshold_bytes: _Optional[int] = ..., max_resident_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
     __slots__ = ("version", "jax_version", "backend", "devices", "limits", "server_id")

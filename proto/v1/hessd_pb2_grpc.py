@@ -54,6 +54,16 @@ class HessdStub:
                 request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.SerializeToString,
                 response_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.FromString,
                 _registered_method=True)
+        self.Put = channel.unary_unary(
+                '/hessd.v1.Hessd/Put',
+                request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.PutRequest.SerializeToString,
+                response_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.PutResponse.FromString,
+                _registered_method=True)
+        self.PutStream = channel.stream_unary(
+                '/hessd.v1.Hessd/PutStream',
+                request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.SerializeToString,
+                response_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.PutResponse.FromString,
+                _registered_method=True)
         self.ServerInfo = channel.unary_unary(
                 '/hessd.v1.Hessd/ServerInfo',
                 request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.ServerInfoRequest.SerializeToString,
@@ -114,6 +124,22 @@ class HessdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Put(self, request, context):
+        """Uploads a tensor once; later calls name it by handle wherever a Tensor goes. The
+        server keeps resident tensors in a byte-bounded LRU (--max-resident-bytes).
+        RESOURCE_EXHAUSTED: larger than that bound.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutStream(self, request_iterator, context):
+        """Put for large tensors: a put_request header (its data empty), then the bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ServerInfo(self, request, context):
         """Version, JAX backend, devices and limits. Always OK.
         """
@@ -143,6 +169,16 @@ def add_HessdServicer_to_server(servicer, server):
                     servicer.ComputeStream,
                     request_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.FromString,
                     response_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.SerializeToString,
+            ),
+            'Put': grpc.unary_unary_rpc_method_handler(
+                    servicer.Put,
+                    request_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.PutRequest.FromString,
+                    response_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.PutResponse.SerializeToString,
+            ),
+            'PutStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutStream,
+                    request_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.FromString,
+                    response_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.PutResponse.SerializeToString,
             ),
             'ServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerInfo,
@@ -258,6 +294,60 @@ class Hessd:
             '/hessd.v1.Hessd/ComputeStream',
             hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.SerializeToString,
             hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Put(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hessd.v1.Hessd/Put',
+            hessd_dot_proto_dot_v1_dot_hessd__pb2.PutRequest.SerializeToString,
+            hessd_dot_proto_dot_v1_dot_hessd__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hessd.v1.Hessd/PutStream',
+            hessd_dot_proto_dot_v1_dot_hessd__pb2.StreamMessage.SerializeToString,
+            hessd_dot_proto_dot_v1_dot_hessd__pb2.PutResponse.FromString,
             options,
             channel_credentials,
             insecure,
