@@ -409,3 +409,31 @@ def test_memory_of_a_pass_is_bounded_by_the_chunk():
         args.append(analysis.argument_size_in_bytes)
     assert args[1] > 8 * args[0] / 2  # the data grew 10x (parameters are the rest)
     assert temps[1] <= 1.1 * temps[0] + (64 << 10), temps
+
+
+def test_streamed_call_and_put_carry_the_data(c, linear):
+    """Above the stream threshold, data travel in ComputeStream and Put in PutStream."""
+    saved = c.stream_threshold
+    c.stream_threshold = 64
+    try:
+        streamed = c.hessian(linear, THETA, data={"x": X, "y": Y}, loss="mse")
+        handle = c.put(X + 1)
+        by_handle = c.hessian(linear, THETA, data={"x": handle, "y": Y}, loss="mse")
+    finally:
+        c.stream_threshold = saved
+    allclose(streamed[0], closed_gram(), atol=1e-12)
+    allclose(by_handle[0], (X + 1).T @ (X + 1) / N, atol=1e-12)
+
+
+def test_async_client_objective_and_put(c, linear):
+    import asyncio
+
+    from hessd.client import AsyncClient
+
+    async def main(target):
+        async with AsyncClient(target, timeout=60) as a:
+            hx = await a.put(X)
+            return await a.hessian(linear, THETA, data={"x": hx, "y": Y}, loss="mse")
+
+    got = asyncio.run(main(c.connection.target))
+    allclose(got[0], closed_gram(), atol=1e-12)
