@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from hessd.service.batcher import Batcher
     from hessd.service.engine import Engine
     from hessd.service.registry import Registry
+    from hessd.service.resident import ResidentStore
 
 __all__ = ["Metrics"]
 
@@ -51,9 +52,15 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
 
-    def watch(self, engine: Engine, functions: Registry, batcher: Batcher) -> None:
+    def watch(
+        self,
+        engine: Engine,
+        functions: Registry,
+        batcher: Batcher,
+        resident: ResidentStore | None = None,
+    ) -> None:
         """Report the state of these parts at every scrape."""
-        self.registry.register(_StateCollector(engine, functions, batcher))
+        self.registry.register(_StateCollector(engine, functions, batcher, resident))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve /metrics over HTTP; returns the bound port (0 picks one)."""
@@ -64,8 +71,15 @@ class Metrics:
 class _StateCollector:
     """Counters that live in the engine and registry, read when Prometheus scrapes."""
 
-    def __init__(self, engine: Engine, functions: Registry, batcher: Batcher):
+    def __init__(
+        self,
+        engine: Engine,
+        functions: Registry,
+        batcher: Batcher,
+        resident: ResidentStore | None = None,
+    ):
         self.engine, self.functions, self.batcher = engine, functions, batcher
+        self.resident = resident
 
     def collect(self) -> Iterator[Metric]:
         stats = self.engine.stats
@@ -100,3 +114,10 @@ class _StateCollector:
             "hessd_batcher_queued_points", "Points waiting or computing in batches",
             value=self.batcher.queued,
         )  # fmt: skip
+        if self.resident is not None:
+            yield GaugeMetricFamily(
+                "hessd_resident_tensors", "Resident tensors held (Put)", value=len(self.resident)
+            )
+            yield GaugeMetricFamily(
+                "hessd_resident_bytes", "Bytes of resident tensors held", value=self.resident.nbytes
+            )

@@ -22,7 +22,6 @@ vmapped axis into the artifact's one batch axis of rows. The artifact is never v
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -48,10 +47,6 @@ class Primitives:
     vjp: Callable[[jax.Array, Inputs, jax.Array], jax.Array]
     jvp: Callable[[jax.Array, Inputs, jax.Array], jax.Array]
     hvp: Callable[[jax.Array, Inputs, jax.Array, jax.Array], jax.Array]
-
-    def theta(self, program: Program, wrt: Wrt, inputs: Inputs) -> jax.Array:
-        """θ at one point: the wrt inputs raveled and concatenated, (p,)."""
-        return jnp.concatenate([inputs[i].reshape(-1) for i in wrt.indices])
 
 
 def _flat(wrt: Wrt) -> Wrt:
@@ -153,8 +148,3 @@ def _point(rows: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
         return rows(*_broadcast(axis_size, in_batched, args)), True
 
     return point
-
-
-def num_elements(program: Program, wrt: Wrt) -> int:
-    """p, the flat variable's number of elements."""
-    return sum(math.prod(program.inputs[i].shape) for i in wrt.indices)

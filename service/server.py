@@ -19,6 +19,7 @@ from hessd.service.engine import Engine
 from hessd.service.expression import ExpressionLimits
 from hessd.service.metrics import Metrics
 from hessd.service.registry import Registry
+from hessd.service.resident import ResidentStore
 from hessd.service.security import AuthInterceptor, Tokens, server_credentials
 from hessd.service.servicer import HessdServicer
 
@@ -55,7 +56,8 @@ class HessdServer:
             ExpressionLimits(max_chars=config.max_expression_chars),
             allow_jax_export=config.allow_jax_export,
         )
-        self.metrics.watch(engine, functions, batcher)
+        resident = ResidentStore(config.max_resident_bytes)
+        self.metrics.watch(engine, functions, batcher, resident)
         self.servicer = HessdServicer(
             config,
             engine=engine,
@@ -63,6 +65,7 @@ class HessdServer:
             registry=functions,
             metrics=self.metrics,
             tokens=self.tokens,
+            resident=resident,
         )
         self.metrics_port: int | None = None
         self.health = health.HealthServicer()

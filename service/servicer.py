@@ -117,7 +117,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         resident: ResidentStore | None = None,
     ):
         self.config = config
-        self.resident = resident or ResidentStore(config.max_resident_bytes)
+        self.resident = (
+            resident if resident is not None else ResidentStore(config.max_resident_bytes)
+        )
         self.server_id = uuid.uuid4().hex
         self.engine = engine
         self.batcher = batcher

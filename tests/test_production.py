@@ -193,6 +193,7 @@ def test_metrics_and_request_log(caplog):
         with caplog.at_level(logging.INFO, logger="hessd.requests"), Client(address) as c:
             f = sum_of_squares(c)
             c.gradient(f, np.full((3, 3), 7.25))
+            c.put(np.arange(16.0))
             with pytest.raises(Exception, match="scalar-output"):
                 c.gradient(c.register("sin(x)", {"x": (3,)}, dtype="float64"), np.ones((1, 3)))
         text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read()
@@ -204,6 +205,7 @@ def test_metrics_and_request_log(caplog):
     assert re.search(r"hessd_compiles_total \d", text)
     assert "hessd_request_seconds_bucket" in text and "hessd_compute_seconds_count" in text
     assert "hessd_batch_points_bucket" in text and "hessd_registered_functions" in text
+    assert "hessd_resident_tensors 1.0" in text and "hessd_resident_bytes 128.0" in text
     lines = [r.getMessage() for r in caplog.records if r.name == "hessd.requests"]
     ok = [line for line in lines if "kind=gradient" in line and "status=OK" in line]
     assert len(ok) == 1
