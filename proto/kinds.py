@@ -224,6 +224,7 @@ class PointClass(_WireEnum):
     MAXIMUM = "maximum"
     SADDLE = "saddle"
     DEGENERATE = "degenerate"
+    UNDEFINED = "undefined"
 
 
 _WIRE_TYPES: dict[type[_WireEnum], Any] = {

@@ -110,6 +110,11 @@ def receive(
     buffers = [np.empty(size, np.uint8) for size in sizes]
     index, offset = 0, 0
     for message in stream:
+        if message.WhichOneof("part") not in ("data", None):
+            raise codec.TensorError(
+                f"a stream carries one header, first; this one sent {message.WhichOneof('part')} "
+                "again after it"
+            )
         chunk = memoryview(message.data)
         while chunk:
             while index < len(buffers) and offset == sizes[index]:

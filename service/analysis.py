@@ -226,14 +226,19 @@ class SpectrumRequest(EngineRequest):
         gtol = (
             root_eps * jnp.maximum(1, scale) if self.gtol is None else jnp.asarray(self.gtol, dtype)
         )
+        finite = jnp.isfinite(lo) & jnp.isfinite(hi) & jnp.isfinite(gradient_norm)
         point_class = jnp.where(
-            lo > tol,
-            PointClass.MINIMUM.wire,
+            ~finite,
+            PointClass.UNDEFINED.wire,
             jnp.where(
-                hi < -tol,
-                PointClass.MAXIMUM.wire,
+                lo > tol,
+                PointClass.MINIMUM.wire,
                 jnp.where(
-                    (lo < -tol) & (hi > tol), PointClass.SADDLE.wire, PointClass.DEGENERATE.wire
+                    hi < -tol,
+                    PointClass.MAXIMUM.wire,
+                    jnp.where(
+                        (lo < -tol) & (hi > tol), PointClass.SADDLE.wire, PointClass.DEGENERATE.wire
+                    ),
                 ),
             ),
         ).astype(jnp.int32)
@@ -299,9 +304,18 @@ def make_spectrum_request(
             raise InvalidArgument(
                 f"{name}={count} is over this server's limit of {MAX_COUNT[name]}"
             )
-    for name, value in (("tol", tol), ("gtol", gtol), ("sigma", sigma)):
+    for name, value in (("tol", tol), ("gtol", gtol)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise InvalidArgument(f"{name} must be a finite number ≥ 0, got {value}")
+    if sigma is not None:
+        # The Gaussians divide by σ²: it must be a positive number of the function's dtype.
+        smallest = math.sqrt(np.finfo(program.output_dtype).tiny)
+        if not (math.isfinite(sigma) and sigma >= smallest):
+            raise InvalidArgument(
+                f"sigma must be a finite number ≥ {smallest:.3g} (its square must not vanish "
+                f"in {program.output_dtype.name}), got {sigma}; leave it unset for "
+                "(λmax - λmin) / 100"
+            )
     if method is Method.EXACT and n > max_exact_n:
         raise InvalidArgument(
             f"the exact spectrum forms the {n}x{n} Hessian; this server does that up to "

@@ -155,7 +155,12 @@ def check_module(artifact: jax.export.Exported, what: str = "the function") -> N
         )
     if artifact.nr_devices != 1:
         raise InvalidArgument(f"{what} was exported for {artifact.nr_devices} devices, not 1")
-    ops, targets = _scan(artifact.mlir_module())
+    try:
+        text = artifact.mlir_module()
+    except Exception as e:  # corrupted module bytes inside a well-formed artifact
+        message = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InvalidArgument(f"{what}'s StableHLO module could not be read: {message}") from None
+    ops, targets = _scan(text)
     if bad := sorted(targets - ALLOWED_CUSTOM_CALLS):
         raise InvalidArgument(
             f"{what} calls custom-call target {', '.join(map(repr, bad))}, which hessd does "
@@ -198,6 +203,11 @@ def _check_version(exporter: str) -> None:
 
     if not exporter:
         raise InvalidArgument("the jax_export spec does not say which JAX made it (jax_version)")
+    if not re.fullmatch(r"\d+\.\d+\.\d+[0-9A-Za-z.+-]{0,40}", exporter):
+        raise InvalidArgument(
+            f"jax_version {exporter[:60]!r} is not a JAX version (like 0.10.2): send "
+            "jax.__version__ of the exporter"
+        )
     if parse(exporter) > parse(jax.__version__):
         raise InvalidArgument(
             f"the artifact was made by JAX {exporter}, newer than this server's JAX "

@@ -185,6 +185,36 @@ _BINARY: Mapping[type[ast.operator], tuple[str, Callable[..., Any]]] = {
     ast.Pow: ("**", jnp.power),
     ast.MatMult: ("@", jnp.matmul),
 }
+
+
+class _BeyondInt64(ArithmeticError):
+    """An integer literal expression whose exact value int64 cannot hold."""
+
+
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
+def _int_power(base: int, exponent: int) -> int | float:
+    if exponent < 0:
+        if base == 0:
+            raise ZeroDivisionError("0 cannot be raised to a negative power")
+        return base**exponent  # a float, as in Python
+    if abs(base) > 1 and exponent * math.log2(abs(base)) > 64:
+        raise _BeyondInt64  # decided before computing: 9**9**9 has 370 million digits
+    return base**exponent
+
+
+# Arithmetic on integer literals alone is done exactly, in Python, and refused past int64:
+# jnp would compute it in int64 and wrap silently (2**64 would be 0, 2**63 negative).
+_EXACT_INT: Mapping[Callable[..., Any], Callable[..., Any]] = {
+    jnp.add: lambda a, b: a + b,
+    jnp.subtract: lambda a, b: a - b,
+    jnp.multiply: lambda a, b: a * b,
+    jnp.power: _int_power,
+    jnp.negative: lambda a: -a,
+    jnp.positive: lambda a: a,
+}
+
 _UNARY_OPS: Mapping[type[ast.unaryop], tuple[str, Callable[..., Any]]] = {
     ast.UAdd: ("+", jnp.positive),
     ast.USub: ("-", jnp.negative),
@@ -225,7 +255,7 @@ _TOKEN_NODES = (ast.expr_context, ast.operator, ast.unaryop, ast.cmpop, ast.bool
 
 _NEWLINE = re.compile(r"\r\n|\r|\n")  # the line breaks that ast.parse counts
 
-_TRACE_ERRORS = (TypeError, ValueError, IndexError, OverflowError)
+_TRACE_ERRORS = (TypeError, ValueError, IndexError, OverflowError, ZeroDivisionError)
 
 _Eval = Callable[[list[Any]], Any]  # env (input values, then binding values) -> value
 
@@ -497,15 +527,36 @@ class _Compiler:
         ValueError; re-raise it as InvalidArgument naming ``what`` and the node's position.
         """
         keywords = dict(keywords or {})
+        exact = _EXACT_INT.get(impl) if not keywords else None
 
         def evaluate(env: list[Any]) -> Any:
             values = [operand(env) for operand in operands]
+            if exact is not None and all(type(v) is int for v in values):
+                return self._exact(node, what, exact, values)
             try:
                 return impl(*values, **keywords)
             except _TRACE_ERRORS as err:
                 raise self._error(node, f"{what} `{self._segment(node)}` failed: {err}") from None
 
         return evaluate
+
+    def _exact(
+        self, node: ast.AST, what: str, exact: Callable[..., Any], values: Sequence[int]
+    ) -> int | float:
+        """Integer literal arithmetic, exactly; InvalidArgument past int64."""
+        try:
+            result = exact(*values)
+            if isinstance(result, int) and result not in _INT64:
+                raise _BeyondInt64
+        except _BeyondInt64:
+            raise self._error(
+                node,
+                f"{what} `{self._segment(node)}` on integer literals is beyond int64, where "
+                "it would wrap around; write a float literal (e.g. 2.0**64) for a float value",
+            ) from None
+        except ZeroDivisionError as err:
+            raise self._error(node, f"{what} `{self._segment(node)}` failed: {err}") from None
+        return result
 
     def _expr(self, node: ast.expr) -> _Eval:
         if (number := _literal_number(node)) is not None:

@@ -7,6 +7,7 @@ import abc
 import dataclasses
 import hashlib
 import math
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -244,6 +245,13 @@ def _check_constants(
 
 
 def _check_name(name: str, what: str) -> None:
+    if unicodedata.normalize("NFKC", name) != name:
+        # Python (and so the expression parser) reads identifiers in NFKC form: fullwidth x is x,
+        # so a name declared otherwise could never be referenced.
+        raise InvalidArgument(
+            f"{what} name {name[:60]!r} is not in Unicode NFKC form, which expressions read "
+            f"names in; declare it as {unicodedata.normalize('NFKC', name)[:60]!r}"
+        )
     if not name.isidentifier() or name.startswith("_"):
         raise InvalidArgument(
             f"{what} name {name!r} is not allowed: use a Python identifier that does not "

@@ -87,6 +87,8 @@ class Tokens:
         if not self.enabled:
             return ANONYMOUS
         offered = b""
+        if sum(key == "authorization" for key, _ in metadata or ()) > 1:
+            return None  # two tokens: which one is meant is not ours to guess
         for key, value in metadata or ():
             if key == "authorization":
                 text = value.decode() if isinstance(value, bytes) else value
@@ -127,11 +129,27 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if principal is None:
             return _refuse(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "missing or unknown token: send metadata 'authorization: Bearer <token>' "
+                "missing, repeated or unknown token: send one metadata 'authorization: Bearer "
+                "<token>' "
                 "(Client(..., token=...))",
             )
         handler = continuation(handler_call_details)
-        if handler is None or principal.max_concurrent is None or not handler.unary_unary:
+        if handler is None or principal.max_concurrent is None:
+            return handler
+        if handler.stream_stream:
+            # Streams count like unary calls, for as long as their handler computes.
+            return grpc.stream_stream_rpc_method_handler(
+                self._bounded(handler.stream_stream, principal),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._bounded(handler.stream_unary, principal),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if not handler.unary_unary:
             return handler
         return grpc.unary_unary_rpc_method_handler(
             self._bounded(handler.unary_unary, principal),

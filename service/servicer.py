@@ -86,9 +86,18 @@ def _rpc(
             return method(self, request, context)
         except ServiceError as e:
             status, message = e.code, e.message
-        except Exception:
-            logger.exception("%s failed", name)
-            status, message = grpc.StatusCode.INTERNAL, "internal error in hessd; see server log"
+        except Exception as e:
+            if not context.is_active():
+                # The client went away (cancelled a stream, or its deadline passed) while we
+                # read from or wrote to it: not a bug, and nobody is left to answer.
+                logger.info("%s: the client left (%s)", name, type(e).__name__)
+                status, message = grpc.StatusCode.CANCELLED, "the client cancelled the call"
+            else:
+                logger.exception("%s failed", name)
+                status, message = (
+                    grpc.StatusCode.INTERNAL,
+                    "internal error in hessd; see server log",
+                )
         finally:
             self._record(name, request, context, status, time.perf_counter() - start)
         _abort(context, status, message)
@@ -96,9 +105,23 @@ def _rpc(
     return wrapper
 
 
+# A status message travels in a header (percent-encoded beyond ASCII) under the peer's
+# metadata limit (8 KiB by default): messages that echo a client's input are cut to fit.
+MAX_MESSAGE_BYTES = 1536
+
+
+def bounded(message: str) -> str:
+    """`message`, cut with "…" to at most MAX_MESSAGE_BYTES of UTF-8."""
+    if len(message.encode()) <= MAX_MESSAGE_BYTES:
+        return message
+    cut = message.encode()[: MAX_MESSAGE_BYTES - 3].decode(errors="ignore")
+    return cut + "…"
+
+
 def _abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str) -> NoReturn:
-    """context.abort, which always raises (grpc ships no types that say so)."""
-    context.abort(status, message)
+    """context.abort with the message bounded; it always raises (grpc ships no types that
+    say so)."""
+    context.abort(status, bounded(message))
     raise AssertionError("grpc.ServicerContext.abort returned")
 
 

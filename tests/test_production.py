@@ -118,7 +118,7 @@ def test_calls_without_or_with_a_wrong_token_are_refused(secured):
     with Client(secured, timeout=10) as c, pytest.raises(Unauthenticated, match="Bearer"):
         c.server_info()
     wrong = Client(secured, token="wrong-token-0123456789", timeout=10)
-    with wrong, pytest.raises(Unauthenticated, match="missing or unknown token"):
+    with wrong, pytest.raises(Unauthenticated, match="missing, repeated or unknown token"):
         sum_of_squares(wrong)
 
 

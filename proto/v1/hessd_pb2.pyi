@@ -95,6 +95,7 @@ class PointClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MAXIMUM: _ClassVar[PointClass]
     SADDLE: _ClassVar[PointClass]
     DEGENERATE: _ClassVar[PointClass]
+    UNDEFINED: _ClassVar[PointClass]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT64: DType
@@ -151,6 +152,7 @@ MINIMUM: PointClass
 MAXIMUM: PointClass
 SADDLE: PointClass
 DEGENERATE: PointClass
+UNDEFINED: PointClass
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "handle")

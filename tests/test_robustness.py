@@ -1,0 +1,215 @@
+"""Requests that used to be answered wrongly or with INTERNAL, over a real socket (issue 14's
+items 5 to 8): exact-or-refused integer literals, invalid numeric options, non-finite points,
+client errors that are not bugs, bounded messages, repeated headers."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from hessd.client import Client, InvalidArgument, ResourceExhausted
+from hessd.proto import codec
+from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
+from hessd.service.config import ServerConfig
+from hessd.service.server import create_server
+
+F64 = hessd_pb2.FLOAT64
+
+
+@pytest.fixture(scope="module")
+def address():
+    server, port = create_server(ServerConfig(port=0, workers=4, allow_jax_export=True))
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def c(address):
+    with Client(address, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def stub(address):
+    with grpc.insecure_channel(address) as channel:
+        yield hessd_pb2_grpc.HessdStub(channel)
+
+
+@pytest.mark.parametrize("source", ["x[0]*0 + 2**64", "x[0] + 2**63", "x[0] + 9**9**9"])
+def test_integer_literal_arithmetic_past_int64_is_refused(c, source):
+    with pytest.raises(InvalidArgument, match="on integer literals is beyond int64"):
+        c.register(source, {"x": (2,)}, dtype="float64")
+
+
+def test_integer_literal_arithmetic_is_exact(c):
+    f = c.register("x[0] * 0 + 2**62 + 3 * 5 - 2**-1", {"x": (2,)}, dtype="float64")
+    assert c.value(f, np.ones((1, 2)))[0] == 2.0**62 + 15 - 0.5
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1e-300])
+def test_density_sigma_that_vanishes_is_refused(c, sigma):
+    f = c.register("sum(x**2)", {"x": (4,)}, dtype="float64")
+    with pytest.raises(InvalidArgument, match="sigma must be a finite number ≥"):
+        c.spectrum(f, np.ones((1, 4)), "density", sigma=sigma)
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos", "density"])
+def test_non_finite_point_is_undefined(c, method):
+    f = c.register("sum(log(x) * x**2)", {"x": (4,)}, dtype="float64")
+    points = np.array([[1.0, 2, 3, 4], [-1.0, 2, 3, 4]])  # log(-1) is nan
+    options = {"k": 1} if method == "lanczos" else {}
+    found = c.spectrum(f, points, method, **options)
+    assert found.point_class[1] == "undefined"
+    assert found.point_class[0] != "undefined"
+
+
+def test_reshape_with_a_zero_is_invalid_argument(c):
+    with pytest.raises(InvalidArgument, match=r"reshape.*failed"):
+        c.register("sum(reshape(x, (0, -1)))", {"x": (3,)}, dtype="float64")
+
+
+def test_corrupted_artifact_is_invalid_argument(c, stub):
+    spec = _artifact_spec()
+    serialized = bytearray(spec.jax_export.serialized)
+    # Flip bytes in the middle (the module), keeping the flatbuffer's header intact.
+    middle = len(serialized) // 2
+    serialized[middle : middle + 64] = bytes(64)
+    spec.jax_export.serialized = bytes(serialized)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Register(hessd_pb2.RegisterRequest(spec=spec))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+
+
+def _artifact_spec() -> hessd_pb2.FunctionSpec:
+    from hessd.client._export import export_spec
+
+    inputs = [hessd_pb2.InputSpec(name="x", shape=[3], dtype=F64)]
+    return export_spec(lambda x: (x**2).sum(), inputs, np.dtype("float64"), "cpu")
+
+
+def test_jax_version_that_is_not_a_version_is_refused(stub):
+    spec = _artifact_spec()
+    spec.jax_export.jax_version = "abc"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Register(hessd_pb2.RegisterRequest(spec=spec))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not a JAX version" in info.value.details()
+
+
+def test_echoed_input_is_cut_to_fit_the_metadata(c, stub):
+    """A 19,000-character name and a 1 MB function id used to exceed the metadata limit
+    ('Stream removed'); now the real error arrives, cut with an ellipsis."""
+    f = c.register("sum(x**2)", {"x": (3,)}, dtype="float64")
+    request = hessd_pb2.ComputeRequest(function_id=f.id, kind=hessd_pb2.VALUE)
+    codec.encode(np.ones((1, 3)), out=request.inputs.add(name="x").tensor)
+    codec.encode(np.ones((1, 3)), out=request.inputs.add(name="y" * 19_000).tensor)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Compute(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown" in info.value.details() and info.value.details().endswith("…")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Compute(hessd_pb2.ComputeRequest(function_id="f" * 1_000_000, kind=1))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(info.value.details().encode()) <= 1536
+
+
+def test_fullwidth_input_name_is_refused(c):
+    with pytest.raises(InvalidArgument, match="NFKC"):
+        c.register("sum(x**2)", {"\uff58": (3,)}, dtype="float64")
+
+
+def test_second_stream_header_is_refused(c, stub):
+    f = c.register("sum(x**2)", {"x": (3,)}, dtype="float64")
+    header = hessd_pb2.ComputeRequest(function_id=f.id, kind=hessd_pb2.VALUE)
+    codec.encode(np.ones((1, 3)), out=header.inputs.add(name="x").tensor, data=False)
+    messages = [
+        hessd_pb2.StreamMessage(compute_request=header),
+        hessd_pb2.StreamMessage(compute_request=header),
+        hessd_pb2.StreamMessage(data=np.ones(3).tobytes()),
+    ]
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.ComputeStream(iter(messages)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "one header" in info.value.details()
+
+
+def test_cancelled_stream_is_not_an_internal_error(c, address, caplog):
+    """A client that cancels a stream mid-upload is logged at INFO, counted CANCELLED."""
+    import logging
+
+    f = c.register("sum(x**2)", {"x": (3,)}, dtype="float64")
+    header = hessd_pb2.ComputeRequest(function_id=f.id, kind=hessd_pb2.VALUE)
+    codec.encode(np.ones((1, 3)), out=header.inputs.add(name="x").tensor, data=False)
+    sent = threading.Event()
+
+    def messages():
+        yield hessd_pb2.StreamMessage(compute_request=header)
+        sent.set()
+        threading.Event().wait(5)  # never sends the data
+        yield hessd_pb2.StreamMessage(data=b"")
+
+    with caplog.at_level(logging.INFO, logger="hessd.service.servicer"):
+        with grpc.insecure_channel(address) as channel:
+            call = hessd_pb2_grpc.HessdStub(channel).ComputeStream(messages())
+            sent.wait(5)
+            call.cancel()
+        threading.Event().wait(0.5)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def test_repeated_authorization_header_is_refused(tmp_path):
+    tokens = tmp_path / "tokens.json"
+    token = "a-token-0123456789abcdef"
+    tokens.write_text(json.dumps({"tokens": [{"name": "a", "token": token}]}))
+    server, port = create_server(ServerConfig(port=0, workers=2, tokens_file=str(tokens)))
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = hessd_pb2_grpc.HessdStub(channel)
+            header = ("authorization", f"Bearer {token}")
+            stub.ServerInfo(hessd_pb2.ServerInfoRequest(), metadata=[header])
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ServerInfo(
+                    hessd_pb2.ServerInfoRequest(),
+                    metadata=[header, ("authorization", "Bearer other-token-0123456789")],
+                )
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "repeated" in info.value.details()
+    finally:
+        server.stop(None)
+
+
+def test_streams_count_against_max_concurrent(tmp_path):
+    tokens = tmp_path / "tokens.json"
+    token = "limited-0123456789abcdef"
+    tokens.write_text(json.dumps({"tokens": [{"name": "l", "token": token, "max_concurrent": 1}]}))
+    server, port = create_server(ServerConfig(port=0, workers=4, tokens_file=str(tokens)))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", token=token, timeout=30) as c:
+            f = c.register("sum(x**2)", {"x": (3,)}, dtype="float64")
+            header = hessd_pb2.ComputeRequest(function_id=f.id, kind=hessd_pb2.VALUE)
+            codec.encode(np.ones((1, 3)), out=header.inputs.add(name="x").tensor, data=False)
+            release = threading.Event()
+
+            def slow():
+                yield hessd_pb2.StreamMessage(compute_request=header)
+                release.wait(10)
+                yield hessd_pb2.StreamMessage(data=np.ones(3).tobytes())
+
+            stub = hessd_pb2_grpc.HessdStub(c._channel)
+            metadata = [("authorization", f"Bearer {token}")]
+            first = stub.ComputeStream(slow(), metadata=metadata)
+            threading.Event().wait(0.5)
+            with pytest.raises(ResourceExhausted, match="max_concurrent"):
+                c.value(f, np.ones((1, 3)))
+            release.set()
+            assert len(list(first)) >= 2
+    finally:
+        server.stop(None)
