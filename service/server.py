@@ -18,6 +18,7 @@ from hessd.service.config import ServerConfig
 from hessd.service.engine import Engine
 from hessd.service.expression import ExpressionLimits
 from hessd.service.metrics import Metrics
+from hessd.service.parsing import ParseErrors
 from hessd.service.registry import Registry
 from hessd.service.resident import ResidentStore
 from hessd.service.security import AuthInterceptor, Tokens, server_credentials
@@ -80,7 +81,7 @@ class HessdServer:
             options.append(("grpc.max_connection_age_grace_ms", 1000 * 600))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="hessd"),
-            interceptors=[AuthInterceptor(self.tokens, self._draining.is_set)],
+            interceptors=[AuthInterceptor(self.tokens, self._draining.is_set), ParseErrors()],
             options=options,
         )
         hessd_pb2_grpc.add_HessdServicer_to_server(self.servicer, self._server)

@@ -178,13 +178,7 @@ def test_hessian_with_more_than_64_axes(stub):
     assert code in _REFUSALS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: bytes that do not parse as the request message are answered by gRPC with "
-    "INTERNAL 'Exception deserializing request!' (the README reserves INTERNAL for bugs "
-    "in hessd); a malformed request is INVALID_ARGUMENT",
-)
-def test_unparsable_request_is_invalid_argument_known_bug(channel):
+def test_unparsable_request_is_invalid_argument(channel):
     call = channel.unary_unary(
         "/hessd.v1.Hessd/Compute", request_serializer=None, response_deserializer=None
     )

@@ -377,8 +377,6 @@ _MESSAGES = {
     "Spectrum": hessd_pb2.SpectrumRequest,
     "Register": hessd_pb2.RegisterRequest,
 }
-# gRPC's own words, see test_unparsable_request_is_invalid_argument_known_bug.
-_DESERIALIZE_FAILED = "Exception deserializing request!"
 
 
 @st.composite
@@ -411,10 +409,8 @@ def request_bytes(draw, function_ids: dict[bytes, str]) -> tuple[str, bytes]:
 
 @known_warnings
 def test_random_bytes_as_requests_get_a_typed_error(channel, stub, function_ids):
-    """Bytes that parse as the request are answered like any request. Bytes that do not
-    parse never reach hessd: gRPC answers them INTERNAL "Exception deserializing request!"
-    (see test_unparsable_request_is_invalid_argument_known_bug); that is the only INTERNAL
-    allowed here."""
+    """Bytes that parse as the request are answered like any request; bytes that do not
+    parse get INVALID_ARGUMENT saying so (service/parsing.py). No INTERNAL at all."""
     calls = {
         method: channel.unary_unary(
             f"/hessd.v1.Hessd/{method}", request_serializer=None, response_deserializer=None
@@ -434,9 +430,10 @@ def test_random_bytes_as_requests_get_a_typed_error(channel, stub, function_ids)
         try:
             calls[method](data, timeout=_TIMEOUT)
         except grpc.RpcError as error:
-            if parsed is None and error.code() is grpc.StatusCode.INTERNAL:
-                assert error.details() == _DESERIALIZE_FAILED, error.details()
-                event("unparsable: INTERNAL from gRPC")
+            if parsed is None:
+                assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
+                assert "do not parse" in error.details(), error.details()
+                event("unparsable: INVALID_ARGUMENT")
                 return
             assert error.code() in _REFUSALS, (error.code(), error.details(), data)
             event(error.code().name)

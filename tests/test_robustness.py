@@ -213,3 +213,14 @@ def test_streams_count_against_max_concurrent(tmp_path):
             assert len(list(first)) >= 2
     finally:
         server.stop(None)
+
+
+def test_unparsable_stream_message_is_invalid_argument(address):
+    with grpc.insecure_channel(address) as channel:
+        call = channel.stream_stream(
+            "/hessd.v1.Hessd/ComputeStream", request_serializer=None, response_deserializer=None
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter([b"\xff\xff\xff"]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not parse" in info.value.details()
