@@ -98,7 +98,9 @@ def main(args: argparse.Namespace) -> int:
 
 def serve_forever(config: ServerConfig, grace: float) -> int:
     """Start a server, wait for SIGINT or SIGTERM, then stop: health says NOT_SERVING and new
-    calls get UNAVAILABLE at once, calls in flight have `grace` seconds to finish."""
+    calls get UNAVAILABLE at once, calls in flight have `grace` seconds to finish, and the
+    process exits (code 0) right after, whatever is still computing. Returns only when the
+    server could not start."""
     # Imported here so that the flags (and `hessd --help`) need no JAX.
     try:
         import jax
@@ -142,4 +144,9 @@ def serve_forever(config: ServerConfig, grace: float) -> int:
     stop.wait()
     server.stop(grace).wait()  # NOT_SERVING and UNAVAILABLE at once, in-flight calls finish
     log.info("stopped")
-    return 0
+    logging.shutdown()
+    sys.stderr.flush()
+    # A call still computing past the grace is inside XLA, which cannot be interrupted, and
+    # its worker thread would keep the process alive (burning the machine) until it ended:
+    # the server has stopped and answered, so leave without waiting for it.
+    os._exit(0)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import certs
@@ -26,6 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hessd.client import (
     Client,
     DeadlineExceeded,
+    HessdError,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -278,6 +280,29 @@ def test_sigterm_finishes_calls_in_flight_then_exits_zero():
                 spectrum = slow.result()
         assert spectrum.eigenvalues.shape == (32, 400)
         assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigterm_exits_after_the_grace_whatever_is_computing():
+    """A call that computes far past --grace does not keep the process alive: it exits 0
+    within the grace plus a few seconds (it used to keep computing after "stopped")."""
+    port = free_port()
+    proc = serve(port, "--grace", "1")
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=300) as c:
+            f = c.register("sum(tanh(x)**2) + sum(x**4)", {"x": (2000,)}, dtype="float64")
+            x = np.random.default_rng(0).normal(size=(16, 2000))
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                runaway = pool.submit(c.spectrum, f, x)  # minutes of eigh on 2 cores
+                assert proc.compiled.wait(timeout=120)  # type: ignore[attr-defined]
+                start = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 0
+                assert time.monotonic() - start < 15
+                with pytest.raises(HessdError):
+                    runaway.result()
     finally:
         proc.kill()
         proc.wait()
