@@ -134,6 +134,10 @@ class SpectrumRequest(EngineRequest):
     def transform(self, program: Program) -> Callable[..., Any]:
         return batched_transform(program, self, lambda op, _: self.at_a_point(op))
 
+    @property
+    def coalesces(self) -> bool:
+        return not self.objective.present
+
     def vector_signature(self, program: Program) -> list[tuple[tuple[int, ...], np.dtype]]:
         return []
 

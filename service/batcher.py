@@ -150,7 +150,7 @@ class Batcher:
         points = _points(request, args)
         with self._lock:
             self.stats.requests += 1
-        if self.max_delay_s == 0 or points > self.max_size or points == 0:
+        if self.max_delay_s == 0 or points > self.max_size or points == 0 or not request.coalesces:
             return self._run_alone(program, request, args, points, is_active)
         key = _key(program, request, args)
         caller = _Caller(args, points, is_active)
@@ -204,7 +204,7 @@ class Batcher:
         with self._lock:
             self.stats.batches += 1
             self.stats.points += points
-        return self.engine.run(program, request, args)
+        return self.engine.run(program, request, args, is_active=is_active)
 
     def _lead(self, key: tuple, program: Program, request: EngineRequest, batch: _Batch) -> None:
         """Wait for company, then compute the batch and answer every caller in it."""
@@ -263,7 +263,9 @@ class Batcher:
                 for i, a in enumerate(callers[0].args)
             ]
         try:
-            result = self.engine.run(program, request, args)
+            result = self.engine.run(
+                program, request, args, is_active=lambda: any(c.is_active() for c in callers)
+            )
         except Exception as e:
             for caller in callers:
                 caller.error = e

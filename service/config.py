@@ -49,6 +49,11 @@ class ServerConfig:
         "RESOURCE_EXHAUSTED",
     )
     executable_cache_size: int = _field(256, "compiled executables kept (LRU)")
+    max_call_seconds: float = _field(
+        600.0,
+        "bound on every call, client deadline or not: work stops between chunks of points "
+        "after this (DEADLINE_EXCEEDED); 0: no bound",
+    )
     max_resident_bytes: int = _field(
         4 << 30, "bytes of resident tensors (Put) kept, least recently used evicted first"
     )

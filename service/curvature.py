@@ -400,6 +400,10 @@ class CurvatureRequest(EngineRequest):
     def max_chunk(self, program: Program) -> int | None:
         return POINTS_PER_RUN if self.objective.present else None
 
+    @property
+    def coalesces(self) -> bool:
+        return not self.objective.present
+
     def transform(self, program: Program) -> Callable[..., Any]:
         return batched_transform(program, self, self.at_a_point)
 

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hessd.service.errors import ResourceExhausted
+from hessd.service.errors import Cancelled, ResourceExhausted
 
 if TYPE_CHECKING:
     from hessd.service.program import Program
@@ -76,6 +76,14 @@ class EngineRequest(abc.ABC):
         """The result as it is answered, from what the device returned (packing on the CPU)."""
         return result
 
+    @property
+    def coalesces(self) -> bool:
+        """Whether concurrent equal calls may share one device call (the batcher's dynamic
+        batching). Requests over whole data sets say no: they are long, rarely concurrent
+        and equal, and hashing their data for the batcher's key would cost more than it
+        saves."""
+        return True
+
 
 def bucket_for(batch: int, max_bucket: int) -> int:
     """The smallest power of two ≥ batch, capped at max_bucket."""
@@ -122,8 +130,17 @@ class Engine:
         # One lock per key being compiled, so concurrent first calls compile once.
         self._compiling: dict[tuple, threading.Lock] = {}
 
-    def run(self, program: Program, request: EngineRequest, args: Sequence[np.ndarray]) -> Output:
-        """Compute `request` at every point.
+    def run(
+        self,
+        program: Program,
+        request: EngineRequest,
+        args: Sequence[np.ndarray],
+        *,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> Output:
+        """Compute `request` at every point, in chunks of points; `is_active` is asked
+        before each chunk after the first, and Cancelled raised when it says no, so a call
+        whose client has gone (or whose time is up) stops within one chunk.
 
         args are the arrays the request's transform takes: the program's inputs in order,
         then any vector; each has a leading batch axis except the shared inputs (indices in
@@ -143,6 +160,11 @@ class Engine:
         chunks = []
         start = 0
         while start < batch:
+            if start and not is_active():
+                raise Cancelled(
+                    f"the call stopped after {start} of {batch} points: it was cancelled or "
+                    "passed its deadline"
+                )
             chunk = [
                 a[start : start + size] if b else a for a, b in zip(args, batched, strict=True)
             ]

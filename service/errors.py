@@ -56,3 +56,9 @@ class Cancelled(ServiceError):
     """The caller went away (cancelled, or its deadline passed) before the work began."""
 
     code = grpc.StatusCode.CANCELLED
+
+
+class DeadlineExceeded(ServiceError):
+    """A call ran past the server's own bound on a call (--max-call-seconds)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

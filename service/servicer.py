@@ -38,6 +38,8 @@ from hessd.service.batcher import Batcher
 from hessd.service.config import ServerConfig
 from hessd.service.engine import Engine, EngineRequest, Output
 from hessd.service.errors import (
+    Cancelled,
+    DeadlineExceeded,
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
@@ -464,9 +466,27 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 f"(--max-output-bytes); {advice}"
             )
         start = time.perf_counter()
+        bound = self.config.max_call_seconds
+        give_up = start + bound if bound else math.inf
+        expired = False
+
+        def is_active() -> bool:
+            nonlocal expired
+            expired = expired or time.perf_counter() > give_up
+            return context.is_active() and not expired
+
         # Coalesced with concurrent calls of the same computation; a caller that has gone
-        # (cancelled, deadline passed) is dropped before compute.
-        result = self.batcher.run(program, task, args, is_active=context.is_active)
+        # (cancelled, deadline passed, or past --max-call-seconds) is dropped before compute
+        # and between chunks of points.
+        try:
+            result = self.batcher.run(program, task, args, is_active=is_active)
+        except Cancelled:
+            if expired:
+                raise DeadlineExceeded(
+                    f"the call ran past this server's bound of {bound:g} s per call "
+                    "(--max-call-seconds); send fewer points per call"
+                ) from None
+            raise
         self.metrics.compute.labels(task.label).observe(time.perf_counter() - start)
         return result
 

@@ -53,7 +53,7 @@ class GatedEngine:
         self.buckets: set[tuple] = set()  # (function id, request, bucket) of every call
         self._lock = threading.Lock()
 
-    def run(self, program, request, args):
+    def run(self, program, request, args, is_active=lambda: True):
         points = next(a for i, a in enumerate(args) if i not in request.shared).shape[0]
         with self._lock:
             self.calls.append((points, threading.get_ident(), args))

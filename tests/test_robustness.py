@@ -224,3 +224,51 @@ def test_unparsable_stream_message_is_invalid_argument(address):
             list(call(iter([b"\xff\xff\xff"]), timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "does not parse" in info.value.details()
+
+
+def test_max_call_seconds_stops_work_between_chunks():
+    """One point per chunk (max_batch_bucket=1): a call of 64 slow points stops soon after
+    --max-call-seconds, answering DEADLINE_EXCEEDED, instead of computing all of them."""
+    import time
+
+    server, port = create_server(
+        ServerConfig(port=0, workers=2, max_batch_bucket=1, max_call_seconds=0.5)
+    )
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            f = client.register("sum(tanh(x)**2) + sum(x**4)", {"x": (300,)}, dtype="float64")
+            x = np.random.default_rng(0).normal(size=(64, 300))
+            client.spectrum(f, x[:1])  # compiled
+            start = time.perf_counter()
+            with pytest.raises(Exception, match="--max-call-seconds") as info:
+                client.spectrum(f, x)
+            elapsed = time.perf_counter() - start
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert elapsed < 10  # the bound plus the point in flight, not 64 points
+    finally:
+        server.stop(None)
+
+
+def test_engine_stops_between_chunks_when_the_caller_has_gone():
+    from hessd.proto.kinds import Kind
+    from hessd.service.engine import Engine
+    from hessd.service.errors import Cancelled
+    from hessd.service.kinds import make_request
+    from hessd.service.program import build_program
+
+    spec = hessd_pb2.FunctionSpec(
+        expression=hessd_pb2.Expression(source="sum(x**2)"),
+        inputs=[hessd_pb2.InputSpec(name="x", shape=[3], dtype=F64)],
+    )
+    program = build_program(spec)
+    engine = Engine(max_bucket=2)
+    asked = []
+
+    def is_active():
+        asked.append(1)
+        return len(asked) < 2
+
+    with pytest.raises(Cancelled, match="stopped after 4 of 8 points"):
+        engine.run(program, make_request(program, Kind.GRADIENT), [np.ones((8, 3))],
+                   is_active=is_active)  # fmt: skip
