@@ -59,6 +59,7 @@ class AsyncClient(_Kinds):
         *,
         warmup: Sequence[int] = (),
         warmup_kinds: Sequence[str] = ("value", "gradient"),
+        name: str = "",
         timeout: float | None = None,
     ) -> Function:
         dtype = np.dtype(dtype)
@@ -67,6 +68,7 @@ class AsyncClient(_Kinds):
         request = _requests.register_request(
             function, inputs, constants, dtype, lambda: backend, warmup, warmup_kinds
         )
+        request.name = name
         reply = await self._call(self._stub.Register, request, timeout)
         return _requests.function_of(request, reply, dtype)
 

@@ -308,6 +308,7 @@ class Client(_Kinds):
         *,
         warmup: Sequence[int] = (),
         warmup_kinds: Sequence[str] = ("value", "gradient"),
+        name: str = "",
         timeout: float | None = None,
     ) -> Function:
         """Register an expression, or a JAX callable fn(*inputs) -> array, over `inputs`
@@ -315,7 +316,8 @@ class Client(_Kinds):
 
         Every input has `dtype`; constants are converted to it where that changes no value.
         `warmup=[batch sizes]` compiles each of `warmup_kinds` for those sizes now, so the
-        first calls do not wait for XLA.
+        first calls do not wait for XLA. `name` makes the function known to this server by
+        that name too: the model name of the Open Inference Protocol (README.md).
         A callable is exported here with jax.export (needs `hessd[jax]`; the server must run
         with --allow-jax-export): jax.vmap(fn), a symbolic batch dimension, vjp_order=2.
         """
@@ -329,6 +331,7 @@ class Client(_Kinds):
             warmup,
             warmup_kinds,
         )
+        request.name = name
         reply = self._call(self._stub.Register, request, timeout)
         return _requests.function_of(request, reply, dtype)
 

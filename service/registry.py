@@ -31,10 +31,14 @@ class Registry:
         self.limits = limits
         self.allow_jax_export = allow_jax_export
         self._programs: collections.OrderedDict[str, Program] = collections.OrderedDict()
+        # Names (the Open Inference Protocol's model names) → function ids: per server,
+        # since unlike ids they cannot be derived from a spec.
+        self._names: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def register(self, spec: hessd_pb2.FunctionSpec) -> Program:
-        """The Program of `spec`, built now unless already known.
+    def register(self, spec: hessd_pb2.FunctionSpec, name: str = "") -> Program:
+        """The Program of `spec`, built now unless already known; with `name`, known by
+        that name too (moved from whatever spec had it before).
 
         Raises InvalidArgument for a bad spec, PermissionDenied for a jax_export spec on a
         server that does not allow them.
@@ -43,6 +47,9 @@ class Registry:
         with self._lock:
             program = self._touch(fid)
         if program is not None:
+            if name:
+                with self._lock:
+                    self._names[name] = fid
             return program
         if spec.WhichOneof("body") == "jax_export":
             program = exported.build_program(spec, self.allow_jax_export)
@@ -50,9 +57,34 @@ class Registry:
             program = build_program(spec, self.limits)
         with self._lock:
             self._programs[fid] = program
+            if name:
+                self._names[name] = fid
             while len(self._programs) > self.max_functions:
                 self._programs.popitem(last=False)
         return program
+
+    def named(self, name: str) -> Program:
+        """The Program registered under `name`; NotFound naming the known names otherwise."""
+        with self._lock:
+            fid = self._names.get(name)
+            program = None if fid is None else self._touch(fid)
+            known = sorted(self._names)
+        if fid is None:
+            listed = ", ".join(repr(n) for n in known[:20]) or "none"
+            raise NotFound(
+                f"no model named {name!r} is registered on this server (names: {listed}); "
+                "register its function with a name first (Client.register(..., name=...))"
+            )
+        if program is None:
+            raise NotFound(
+                f"model {name!r} (function {fid}) was dropped from this server's registry, "
+                f"which holds at most {self.max_functions} functions; register it again"
+            )
+        return program
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._names)
 
     def get(self, fid: str) -> Program:
         with self._lock:

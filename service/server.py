@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
+from hessd.service import oip
 from hessd.service.batcher import Batcher
 from hessd.service.config import ServerConfig
 from hessd.service.engine import Engine
@@ -85,7 +86,12 @@ class HessdServer:
             options=options,
         )
         hessd_pb2_grpc.add_HessdServicer_to_server(self.servicer, self._server)
+        # The Open Inference Protocol on the same port, over the same servicer's parts.
+        self.oip = oip.OipServicer(self.servicer)
+        self.oip.add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        # Not the Open Inference Protocol: its messages are not in the default descriptor
+        # pool under the protocol's names (see proto/oip/grpc_predict_v2.proto).
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
@@ -105,7 +111,7 @@ class HessdServer:
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         self._server.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def enter_graceful_shutdown(self) -> None:

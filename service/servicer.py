@@ -156,7 +156,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
     def Register(
         self, request: hessd_pb2.RegisterRequest, context: grpc.ServicerContext
     ) -> hessd_pb2.RegisterResponse:
-        program = self._register(request.spec, context)
+        program = self._register(request.spec, context, request.name)
         for kind_value in request.warmup_kinds:
             task = kinds.make_request(program, _enum(Kind, kind_value, "warmup kind"))
             for batch in request.warmup_batch_sizes:
@@ -550,7 +550,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 return self._register(request.spec, context)
         raise InvalidArgument("the request names no function: set function_id or spec")
 
-    def _register(self, spec: hessd_pb2.FunctionSpec, context: grpc.ServicerContext) -> Program:
+    def _register(
+        self, spec: hessd_pb2.FunctionSpec, context: grpc.ServicerContext, name: str = ""
+    ) -> Program:
         if spec.WhichOneof("body") == "jax_export":
             principal = self.tokens.identify(context.invocation_metadata())
             if principal is None or EXPORT not in principal.permissions:
@@ -558,7 +560,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                     f"token {principal.name if principal else None!r} may not register "
                     "jax_export specs: it lacks the 'export' permission (tokens file)"
                 )
-        return self.registry.register(spec)
+        return self.registry.register(spec, name)
 
     def _record(
         self,
@@ -573,7 +575,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         iterator of StreamMessages."""
         kind = "-"
         try:
-            if method == "Compute":
+            if method in ("Compute", "ModelInfer"):  # ModelInfer: see service/oip.py
                 kind = Kind.from_wire(request.kind).value
             elif method == "Spectrum":
                 kind = Method.from_wire(request.method).value

@@ -16,11 +16,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_generated_code_matches_proto():
+    # The pinned generator lives in a virtualenv of its own, made on first use by pip.
     result = subprocess.run(
         [sys.executable, str(ROOT / "proto" / "generate.py"), "--check"],
         capture_output=True,
         text=True,
     )
+    if result.returncode == 2:
+        pytest.skip(f"the pinned generator cannot be installed here: {result.stderr}")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -239,14 +239,16 @@ class Objective(_message.Message):
     def __init__(self, data: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., chunk_size: _Optional[int] = ..., operator: _Optional[_Union[CurvatureOperator, str]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., seed: _Optional[int] = ..., mc_samples: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("spec", "warmup_batch_sizes", "warmup_kinds")
+    __slots__ = ("spec", "warmup_batch_sizes", "warmup_kinds", "name")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     WARMUP_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     WARMUP_KINDS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     spec: FunctionSpec
     warmup_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     warmup_kinds: _containers.RepeatedScalarFieldContainer[Kind]
-    def __init__(self, spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., warmup_batch_sizes: _Optional[_Iterable[int]] = ..., warmup_kinds: _Optional[_Iterable[_Union[Kind, str]]] = ...) -> None: ...
+    name: str
+    def __init__(self, spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., warmup_batch_sizes: _Optional[_Iterable[int]] = ..., warmup_kinds: _Optional[_Iterable[_Union[Kind, str]]] = ..., name: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("function_id", "output_shape", "output_dtype")
@@ -300,7 +302,7 @@ class ComputeRequest(_message.Message):
     damping: float
     tolerance: float
     max_iterations: int
-    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., kind: _Optional[_Union[Kind, str]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., jacobian_mode: _Optional[_Union[JacobianMode, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., order: _Optional[int] = ..., flatten: _Optional[bool] = ..., shared: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., packed: _Optional[bool] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., diagonal_estimator: _Optional[_Union[DiagonalEstimator, str]] = ..., num_matvecs: _Optional[int] = ..., seed: _Optional[int] = ..., damping: _Optional[float] = ..., tolerance: _Optional[float] = ..., max_iterations: _Optional[int] = ...) -> None: ...
+    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., kind: _Optional[_Union[Kind, str]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., jacobian_mode: _Optional[_Union[JacobianMode, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., order: _Optional[int] = ..., flatten: bool = ..., shared: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., packed: bool = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., diagonal_estimator: _Optional[_Union[DiagonalEstimator, str]] = ..., num_matvecs: _Optional[int] = ..., seed: _Optional[int] = ..., damping: _Optional[float] = ..., tolerance: _Optional[float] = ..., max_iterations: _Optional[int] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
     __slots__ = ("output", "outputs")
@@ -348,7 +350,7 @@ class SpectrumRequest(_message.Message):
     grid_size: int
     sigma: float
     objective: Objective
-    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., shared: _Optional[_Iterable[str]] = ..., wrt: _Optional[_Iterable[str]] = ..., method: _Optional[_Union[SpectrumMethod, str]] = ..., eigenvectors: _Optional[bool] = ..., k: _Optional[int] = ..., tol: _Optional[float] = ..., gtol: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_probes: _Optional[int] = ..., num_matvecs: _Optional[int] = ..., trace_estimator: _Optional[_Union[TraceEstimator, str]] = ..., seed: _Optional[int] = ..., grid_size: _Optional[int] = ..., sigma: _Optional[float] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ...) -> None: ...
+    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., shared: _Optional[_Iterable[str]] = ..., wrt: _Optional[_Iterable[str]] = ..., method: _Optional[_Union[SpectrumMethod, str]] = ..., eigenvectors: bool = ..., k: _Optional[int] = ..., tol: _Optional[float] = ..., gtol: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_probes: _Optional[int] = ..., num_matvecs: _Optional[int] = ..., trace_estimator: _Optional[_Union[TraceEstimator, str]] = ..., seed: _Optional[int] = ..., grid_size: _Optional[int] = ..., sigma: _Optional[float] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ...) -> None: ...
 
 class SpectrumResponse(_message.Message):
     __slots__ = ("eigenvalues", "eigenvectors", "gradient_norm", "point_class", "stationary", "tol", "gtol", "residuals", "trace", "trace_std_error", "nodes", "weights", "grid", "density")
@@ -442,7 +444,7 @@ class Limits(_message.Message):
     allow_jax_export: bool
     stream_threshold_bytes: int
     max_resident_bytes: int
-    def __init__(self, max_request_bytes: _Optional[int] = ..., max_output_bytes: _Optional[int] = ..., max_batch_bucket: _Optional[int] = ..., max_expression_chars: _Optional[int] = ..., max_functions: _Optional[int] = ..., max_exact_n: _Optional[int] = ..., allow_jax_export: _Optional[bool] = ..., stream_threshold_bytes: _Optional[int] = ..., max_resident_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, max_request_bytes: _Optional[int] = ..., max_output_bytes: _Optional[int] = ..., max_batch_bucket: _Optional[int] = ..., max_expression_chars: _Optional[int] = ..., max_functions: _Optional[int] = ..., max_exact_n: _Optional[int] = ..., allow_jax_export: bool = ..., stream_threshold_bytes: _Optional[int] = ..., max_resident_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
     __slots__ = ("version", "jax_version", "backend", "devices", "limits", "server_id")

@@ -5,7 +5,7 @@ import warnings
 
 from hessd.proto.v1 import hessd_pb2 as hessd_dot_proto_dot_v1_dot_hessd__pb2
 
-GRPC_GENERATED_VERSION = '1.84.0'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in hessd/proto/v1/hessd_pb2_grpc.py depends on'
+        + f' but the generated code in hessd/proto/v1/hessd_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class HessdStub:
+class HessdStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -71,7 +71,7 @@ class HessdStub:
                 _registered_method=True)
 
 
-class HessdServicer:
+class HessdServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
@@ -193,7 +193,7 @@ def add_HessdServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Hessd:
+class Hessd(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
