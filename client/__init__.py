@@ -16,6 +16,7 @@ from hessd.client._errors import (
     Unavailable,
 )
 from hessd.client._requests import Function, Spectrum
+from hessd.client._sparse import Sparsity
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -31,6 +32,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "Sparsity",
     "Spectrum",
     "Unauthenticated",
     "Unavailable",

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
-from hessd.client import _requests
+from hessd.client import _requests, _sparse
 from hessd.client._client import (
     _AboutAFunction,
     _Kinds,
@@ -19,6 +19,7 @@ from hessd.client._client import (
 from hessd.client._data import Handle
 from hessd.client._errors import NotFound, from_rpc_error
 from hessd.client._requests import Function, Points, Spectrum
+from hessd.client._sparse import Sparsity
 from hessd.proto import codec, stream
 from hessd.proto.v1 import hessd_pb2
 
@@ -131,6 +132,18 @@ class AsyncClient(_Kinds):
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return call.result(header, buffers)
+
+    async def sparsity(
+        self,
+        f: Function,
+        kind: str = "jacobian",
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Sparsity:
+        request = _sparse.sparsity_request(f, kind, **options)
+        reply = await self._call_on(f, self._stub.Sparsity, request, timeout)
+        return _sparse.sparsity_result(reply)
 
     async def spectrum(
         self,

@@ -14,17 +14,23 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
-from hessd.client import _requests
+from hessd.client import _requests, _sparse
 from hessd.client._data import Handle, handle_of
 from hessd.client._errors import NotFound, from_rpc_error
 from hessd.client._requests import Function, Points, Spectrum
+from hessd.client._sparse import Sparsity
 from hessd.proto import codec, stream
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 
 __all__ = ["Client", "Function", "Handle", "Spectrum"]
 
 # The requests that name a function, and so may carry its spec instead.
-_AboutAFunction = TypeVar("_AboutAFunction", hessd_pb2.ComputeRequest, hessd_pb2.SpectrumRequest)
+_AboutAFunction = TypeVar(
+    "_AboutAFunction",
+    hessd_pb2.ComputeRequest,
+    hessd_pb2.SpectrumRequest,
+    hessd_pb2.SparsityRequest,
+)
 
 # Above this, requests and results stream in chunks; measured: gRPC Python moves a 1 MiB
 # message in ~2 ms and larger ones at a lower rate (benchmarks/throughput.py).
@@ -377,6 +383,21 @@ class Client(_Kinds):
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return call.result(header, buffers)
+
+    def sparsity(
+        self,
+        f: Function,
+        kind: str = "jacobian",
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Sparsity:
+        """The sparsity pattern of f's jacobian (m, n) or hessian (n, n) for all inputs, its
+        nonzeros and colours, and the cost of sparse=True against the dense kind (passes and
+        bytes per point). Options: wrt, flatten, mode ("forward": column colouring, "reverse":
+        row), counts_only (leave out the pattern's indices), output_dtype (of the bytes)."""
+        request = _sparse.sparsity_request(f, kind, **options)
+        return _sparse.sparsity_result(self._call_on(f, self._stub.Sparsity, request, timeout))
 
     def spectrum(
         self,

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from hessd.client import _sparse
 from hessd.client._data import Handle, describe, encode_objective
 from hessd.client._errors import InvalidArgument
 from hessd.proto import codec, stream
@@ -145,6 +146,7 @@ class ComputeCall:
     arrays: list[np.ndarray]
     output_bytes: int  # what the result will weigh, from shapes alone
     unpack: int | None = None  # n, to unpack a packed Hessian into (n, n)
+    sparse_format: str | None = None  # sparse: "scipy" or "arrays" (client/_sparse.py)
     handles: list[Handle] = dataclasses.field(default_factory=list)  # resident tensors named
 
     @property
@@ -159,8 +161,9 @@ class ComputeCall:
 
     def result(
         self, reply: hessd_pb2.ComputeResponse, buffers: Sequence[memoryview] | None = None
-    ) -> np.ndarray | dict[str, np.ndarray]:
-        """The reply's arrays; `buffers` holds the bytes of a streamed reply."""
+    ) -> Any:
+        """The reply's arrays (a sparse one's matrices); `buffers` holds the bytes of a
+        streamed reply."""
         named = stream.tensors(reply)
         data: Sequence[memoryview | None] = buffers if buffers is not None else [None] * len(named)
         # A writable copy would double the memory of a large result; the view is read-only.
@@ -168,6 +171,10 @@ class ComputeCall:
             what: codec.decode(tensor, what, buffer)
             for (what, tensor), buffer in zip(named, data, strict=True)
         }
+        if self.sparse_format is not None:
+            rows, cols = arrays.get("sparsity rows"), arrays.get("sparsity cols")
+            sparsity = _sparse.sparsity_of(reply.sparsity, rows, cols)
+            return _sparse.sparse_result(sparsity, arrays["output"], self.sparse_format)
         result: np.ndarray | dict[str, np.ndarray] = (
             arrays["output"] if list(arrays) == ["output"] else arrays
         )
@@ -192,6 +199,8 @@ def compute_request(
     output_dtype: str | None = None,
     packed: bool = False,
     unpack: bool = True,
+    sparse: bool = False,
+    sparse_format: str | None = None,
     data: Mapping[str, Any] | None = None,
     loss: str | None = None,
     operator: str = "hessian",
@@ -230,6 +239,7 @@ def compute_request(
         shared=shared,
         output_dtype=wire_dtype,
         packed=packed,
+        sparse=sparse,
         diagonal_estimator=None
         if diagonal_estimator is None
         else _option(DiagonalEstimator, diagonal_estimator, "diagonal_estimator").wire,
@@ -277,6 +287,11 @@ def compute_request(
     )
     if packed and unpack:
         call.unpack = math.prod(variable)
+    if sparse:
+        # The dense result's bytes bound the sparse one's: large ones stream.
+        call.sparse_format = _sparse.check_format(sparse_format)
+    elif sparse_format is not None:
+        raise InvalidArgument("sparse_format applies only with sparse=True")
     return call
 
 

@@ -37,7 +37,13 @@ def tensors(message: Header) -> list[tuple[str, hessd_pb2.Tensor]]:
         named += [(f"data {t.name!r}", t.tensor) for t in message.objective.data]
         return [(what, tensor) for what, tensor in named if not tensor.handle]
     named = [("output", message.output)] if message.HasField("output") else []
-    return named + [(t.name, t.tensor) for t in message.outputs]
+    named += [(t.name, t.tensor) for t in message.outputs]
+    pattern = message.sparsity
+    return named + [
+        (f"sparsity {name}", getattr(pattern, name))
+        for name in ("rows", "cols")
+        if pattern.HasField(name)
+    ]
 
 
 @overload

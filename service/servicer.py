@@ -33,7 +33,7 @@ from hessd.proto.kinds import (
     TraceEstimator,
 )
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
-from hessd.service import analysis, curvature, kinds, objective
+from hessd.service import analysis, curvature, kinds, objective, sparse
 from hessd.service.batcher import Batcher
 from hessd.service.config import ServerConfig
 from hessd.service.engine import Engine, EngineRequest, Output
@@ -173,6 +173,11 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
     def Compute(
         self, request: hessd_pb2.ComputeRequest, context: grpc.ServicerContext
     ) -> hessd_pb2.ComputeResponse:
+        if request.sparse:
+            values, pattern, _ = self._compute_sparse(request, context)
+            response = hessd_pb2.ComputeResponse(sparsity=pattern)
+            codec.encode(values, out=response.output)
+            return response
         result = self._compute(request, context)
         response = hessd_pb2.ComputeResponse()
         for out, array in zip(_output_fields(response, result), _arrays(result), strict=True):
@@ -192,11 +197,73 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         except codec.TensorError as e:
             raise InvalidArgument(str(e)) from None
         data = dict(zip((what for what, _ in stream.tensors(header)), buffers, strict=True))
+        if header.sparse:
+            values, pattern, indices = self._compute_sparse(header, context, data)
+            response = hessd_pb2.ComputeResponse(sparsity=pattern)
+            codec.encode(values, out=response.output, data=False)
+            return stream.send("compute_response", response, [values, *indices])
         result = self._compute(header, context, data)
         response = hessd_pb2.ComputeResponse()
         for out, array in zip(_output_fields(response, result), _arrays(result), strict=True):
             codec.encode(array, out=out, data=False)
         return stream.send("compute_response", response, _arrays(result))
+
+    def _compute_sparse(
+        self,
+        request: hessd_pb2.ComputeRequest,
+        context: grpc.ServicerContext,
+        data: dict[str, memoryview] | None = None,
+    ) -> tuple[np.ndarray, hessd_pb2.SparsityPattern, list[np.ndarray]]:
+        """A sparse jacobian or hessian: the values (batch, nnz), the pattern message (with
+        its indices' bytes unless streamed) and the index arrays, for a stream."""
+        program = self._program(request, context)
+        kind = _enum(Kind, request.kind, "kind")
+        given = [name for name in ("objective", "vector") if request.HasField(name)]
+        given += [name for name in _NOT_SPARSE_OPTIONS if getattr(request, name)]
+        if _enum(Layout, request.layout, "layout") is Layout.DENOMINATOR:
+            given.append("layout=denominator (transpose the sparse result instead)")
+        if given:
+            raise InvalidArgument(
+                f"sparse does not take {', '.join(given)}: a sparse {kind.value} is the "
+                "(m, n) matrix of one variable in numerator layout"
+            )
+        output_dtype = None
+        if request.output_dtype:
+            output_dtype = _decode_enum(codec.dtype_from_proto, request.output_dtype)
+        task = sparse.make_sparse_request(
+            program,
+            kind,
+            tuple(request.wrt),
+            _enum(JacobianMode, request.jacobian_mode, "jacobian_mode"),
+            request.flatten,
+            tuple(request.shared),
+            output_dtype=output_dtype,
+        )
+        args, _ = _decode_inputs(program, request.inputs, task.shared, data, store=self.resident)
+        values = self._run(program, task, args, context)
+        assert isinstance(values, np.ndarray)  # one result: (batch, nnz)
+        pattern, indices = sparse.to_wire(
+            task.pattern, task.result_dtype(program), data=data is None
+        )
+        return values, pattern, indices
+
+    @_rpc
+    def Sparsity(
+        self, request: hessd_pb2.SparsityRequest, context: grpc.ServicerContext
+    ) -> hessd_pb2.SparsityPattern:
+        program = self._program(request, context)
+        kind = _enum(Kind, request.kind, "kind")
+        task = sparse.make_sparse_request(
+            program,
+            kind,
+            tuple(request.wrt),
+            _enum(JacobianMode, request.jacobian_mode, "jacobian_mode"),
+            request.flatten,
+        )
+        dtype = program.output_dtype
+        if request.output_dtype:
+            dtype = _decode_enum(codec.dtype_from_proto, request.output_dtype)
+        return sparse.to_wire(task.pattern, dtype, indices=not request.counts_only)[0]
 
     def _compute(
         self,
@@ -540,7 +607,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
 
     def _program(
         self,
-        request: hessd_pb2.ComputeRequest | hessd_pb2.SpectrumRequest,
+        request: hessd_pb2.ComputeRequest | hessd_pb2.SpectrumRequest | hessd_pb2.SparsityRequest,
         context: grpc.ServicerContext,
     ) -> Program:
         match request.WhichOneof("function"):
@@ -600,6 +667,13 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         self.metrics.latency.labels(method, kind).observe(seconds)
         if points:
             self.metrics.batch_points.observe(points)
+
+
+# ComputeRequest options that a sparse jacobian or hessian does not take.
+_NOT_SPARSE_OPTIONS = (
+    "packed", "order", "diagonal_estimator", "num_matvecs", "seed", "damping", "tolerance",
+    "max_iterations",
+)  # fmt: skip
 
 
 def _enum(enum_type: type[E], value: int, name: str) -> E:

@@ -74,6 +74,13 @@ class Layout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NUMERATOR: _ClassVar[Layout]
     DENOMINATOR: _ClassVar[Layout]
 
+class SparseColoring(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPARSE_COLORING_UNSPECIFIED: _ClassVar[SparseColoring]
+    COLUMN: _ClassVar[SparseColoring]
+    ROW: _ClassVar[SparseColoring]
+    SYMMETRIC: _ClassVar[SparseColoring]
+
 class SpectrumMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SPECTRUM_METHOD_UNSPECIFIED: _ClassVar[SpectrumMethod]
@@ -139,6 +146,10 @@ REVERSE: JacobianMode
 LAYOUT_UNSPECIFIED: Layout
 NUMERATOR: Layout
 DENOMINATOR: Layout
+SPARSE_COLORING_UNSPECIFIED: SparseColoring
+COLUMN: SparseColoring
+ROW: SparseColoring
+SYMMETRIC: SparseColoring
 SPECTRUM_METHOD_UNSPECIFIED: SpectrumMethod
 EXACT: SpectrumMethod
 LANCZOS: SpectrumMethod
@@ -261,7 +272,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, function_id: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("function_id", "spec", "kind", "inputs", "vector", "wrt", "jacobian_mode", "layout", "order", "flatten", "shared", "output_dtype", "packed", "objective", "diagonal_estimator", "num_matvecs", "seed", "damping", "tolerance", "max_iterations")
+    __slots__ = ("function_id", "spec", "kind", "inputs", "vector", "wrt", "jacobian_mode", "layout", "order", "flatten", "shared", "output_dtype", "packed", "objective", "diagonal_estimator", "num_matvecs", "seed", "damping", "tolerance", "max_iterations", "sparse")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +293,7 @@ class ComputeRequest(_message.Message):
     DAMPING_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     spec: FunctionSpec
     kind: Kind
@@ -302,15 +314,66 @@ class ComputeRequest(_message.Message):
     damping: float
     tolerance: float
     max_iterations: int
-    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., kind: _Optional[_Union[Kind, str]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., jacobian_mode: _Optional[_Union[JacobianMode, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., order: _Optional[int] = ..., flatten: bool = ..., shared: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., packed: bool = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., diagonal_estimator: _Optional[_Union[DiagonalEstimator, str]] = ..., num_matvecs: _Optional[int] = ..., seed: _Optional[int] = ..., damping: _Optional[float] = ..., tolerance: _Optional[float] = ..., max_iterations: _Optional[int] = ...) -> None: ...
+    sparse: bool
+    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., kind: _Optional[_Union[Kind, str]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., jacobian_mode: _Optional[_Union[JacobianMode, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., order: _Optional[int] = ..., flatten: bool = ..., shared: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., packed: bool = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., diagonal_estimator: _Optional[_Union[DiagonalEstimator, str]] = ..., num_matvecs: _Optional[int] = ..., seed: _Optional[int] = ..., damping: _Optional[float] = ..., tolerance: _Optional[float] = ..., max_iterations: _Optional[int] = ..., sparse: bool = ...) -> None: ...
+
+class SparsityPattern(_message.Message):
+    __slots__ = ("shape", "nnz", "rows", "cols", "every_entry", "coloring", "colors", "passes", "dense_passes", "bytes_per_point", "dense_bytes_per_point", "dense_reason")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NNZ_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    EVERY_ENTRY_FIELD_NUMBER: _ClassVar[int]
+    COLORING_FIELD_NUMBER: _ClassVar[int]
+    COLORS_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    DENSE_PASSES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_POINT_FIELD_NUMBER: _ClassVar[int]
+    DENSE_BYTES_PER_POINT_FIELD_NUMBER: _ClassVar[int]
+    DENSE_REASON_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    nnz: int
+    rows: Tensor
+    cols: Tensor
+    every_entry: bool
+    coloring: SparseColoring
+    colors: int
+    passes: int
+    dense_passes: int
+    bytes_per_point: int
+    dense_bytes_per_point: int
+    dense_reason: str
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., nnz: _Optional[int] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., cols: _Optional[_Union[Tensor, _Mapping]] = ..., every_entry: bool = ..., coloring: _Optional[_Union[SparseColoring, str]] = ..., colors: _Optional[int] = ..., passes: _Optional[int] = ..., dense_passes: _Optional[int] = ..., bytes_per_point: _Optional[int] = ..., dense_bytes_per_point: _Optional[int] = ..., dense_reason: _Optional[str] = ...) -> None: ...
+
+class SparsityRequest(_message.Message):
+    __slots__ = ("function_id", "spec", "kind", "wrt", "flatten", "jacobian_mode", "counts_only", "output_dtype")
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    FLATTEN_FIELD_NUMBER: _ClassVar[int]
+    JACOBIAN_MODE_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    spec: FunctionSpec
+    kind: Kind
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    flatten: bool
+    jacobian_mode: JacobianMode
+    counts_only: bool
+    output_dtype: DType
+    def __init__(self, function_id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., kind: _Optional[_Union[Kind, str]] = ..., wrt: _Optional[_Iterable[str]] = ..., flatten: bool = ..., jacobian_mode: _Optional[_Union[JacobianMode, str]] = ..., counts_only: bool = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
-    __slots__ = ("output", "outputs")
+    __slots__ = ("output", "outputs", "sparsity")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    sparsity: SparsityPattern
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., sparsity: _Optional[_Union[SparsityPattern, _Mapping]] = ...) -> None: ...
 
 class SpectrumRequest(_message.Message):
     __slots__ = ("function_id", "spec", "inputs", "shared", "wrt", "method", "eigenvectors", "k", "tol", "gtol", "num_steps", "num_probes", "num_matvecs", "trace_estimator", "seed", "grid_size", "sigma", "objective")

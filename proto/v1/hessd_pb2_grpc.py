@@ -69,6 +69,11 @@ class HessdStub(object):
                 request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.ServerInfoResponse.FromString,
                 _registered_method=True)
+        self.Sparsity = channel.unary_unary(
+                '/hessd.v1.Hessd/Sparsity',
+                request_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SparsityRequest.SerializeToString,
+                response_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SparsityPattern.FromString,
+                _registered_method=True)
 
 
 class HessdServicer(object):
@@ -147,6 +152,18 @@ class HessdServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sparsity(self, request, context):
+        """The sparsity pattern of a function's jacobian or hessian, for all inputs (no points
+        needed), its nonzeros and colours, and the cost of the sparse against the dense kind.
+        INVALID_ARGUMENT: a kind other than jacobian or hessian, the hessian of a non-scalar
+        function, several wrt inputs without flatten, a jax_export function (its artifact
+        is opaque to pattern detection).
+        NOT_FOUND, PERMISSION_DENIED: as Compute.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HessdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +201,11 @@ def add_HessdServicer_to_server(servicer, server):
                     servicer.ServerInfo,
                     request_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.ServerInfoRequest.FromString,
                     response_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.ServerInfoResponse.SerializeToString,
+            ),
+            'Sparsity': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sparsity,
+                    request_deserializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SparsityRequest.FromString,
+                    response_serializer=hessd_dot_proto_dot_v1_dot_hessd__pb2.SparsityPattern.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -375,6 +397,33 @@ class Hessd(object):
             '/hessd.v1.Hessd/ServerInfo',
             hessd_dot_proto_dot_v1_dot_hessd__pb2.ServerInfoRequest.SerializeToString,
             hessd_dot_proto_dot_v1_dot_hessd__pb2.ServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sparsity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hessd.v1.Hessd/Sparsity',
+            hessd_dot_proto_dot_v1_dot_hessd__pb2.SparsityRequest.SerializeToString,
+            hessd_dot_proto_dot_v1_dot_hessd__pb2.SparsityPattern.FromString,
             options,
             channel_credentials,
             insecure,
