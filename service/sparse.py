@@ -32,7 +32,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import asdex
 import jax
@@ -250,7 +250,10 @@ def _detect(program: Program, kind: Kind, wrt: Wrt, mode: JacobianMode) -> Patte
             if kind is Kind.HESSIAN:
                 coloring = asdex.hessian_coloring(lambda z, *xs: flat(z, *xs)[0], *args)
             else:
-                asdex_mode = {JacobianMode.FORWARD: "fwd", JacobianMode.REVERSE: "rev"}
+                asdex_mode: dict[JacobianMode, Literal["fwd", "rev"]] = {
+                    JacobianMode.FORWARD: "fwd",
+                    JacobianMode.REVERSE: "rev",
+                }
                 coloring = asdex.jacobian_coloring(flat, *args, mode=asdex_mode.get(mode))
     except NotImplementedError as e:
         # asdex names the primitive it has no rule for ("No handler for primitive 'x'. ...").
