@@ -283,9 +283,7 @@ def test_wrong_input_name_has_hessd_v1s_message(triton, client, models):
     from hessd.proto import codec
     from hessd.proto.v1 import hessd_pb2
 
-    request = hessd_pb2.ComputeRequest(
-        function_id=models["quadratic"].id, kind=hessd_pb2.GRADIENT
-    )
+    request = hessd_pb2.ComputeRequest(function_id=models["quadratic"].id, kind=hessd_pb2.GRADIENT)
     request.inputs.add(name="y", tensor=codec.encode(np.ones((1, 3))))
     with pytest.raises(grpc.RpcError) as raised:
         client._stub.Compute(request)
@@ -456,3 +454,58 @@ def test_v1_register_name_gives_a_model(client, triton, rng):
     # Registering another spec under the name moves it.
     client.register("sum(x ** 2)", inputs={"x": (2,)}, dtype="float64", name="cubic")
     allclose(infer(triton, "cubic", "gradient", x=x).as_numpy("gradient"), 2 * x)
+
+
+def test_tls(tmp_path, rng):
+    import certs
+
+    made = certs.make_pki()
+    for name, pem in made.items():
+        (tmp_path / f"{name}.pem").write_bytes(pem)
+    config = ServerConfig(
+        host="127.0.0.1", port=0, workers=4,
+        tls_cert=str(tmp_path / "server_cert.pem"), tls_key=str(tmp_path / "server_key.pem"),
+    )  # fmt: skip
+    server = HessdServer(config, Tokens())
+    server.start()
+    address = f"127.0.0.1:{server.port}"
+    triton = tritonclient_grpc.InferenceServerClient(
+        url=address, ssl=True, root_certificates=str(tmp_path / "ca.pem")
+    )
+    try:
+        with Client(address, tls=True, root_certificates=made["ca"], timeout=30) as c:
+            c.register("sum(x ** 2)", inputs={"x": (3,)}, dtype="float64", name="square")
+        x = rng.normal(size=(2, 3))
+        allclose(infer(triton, "square", "gradient", x=x).as_numpy("gradient"), 2 * x)
+    finally:
+        triton.close()
+        server.stop(None)
+
+
+def test_health_reports_the_protocol(server_address):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server_address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=oip.SERVICE_NAME)
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_methods_hessd_does_not_serve_are_unimplemented(triton):
+    expect_error(grpc.StatusCode.UNIMPLEMENTED, "", triton.get_model_config, "quadratic")
+
+
+def test_readme_example_runs_as_written(server_address):
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- oip -->\n```python\n(.*?)```", readme, re.DOTALL)
+    assert match, "README.md lost its Open Inference Protocol block"
+    code = match.group(1).replace("127.0.0.1:50051", server_address)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["(4, 3, 3)", "True"], result.stdout
