@@ -694,7 +694,12 @@ def _smaller_result_advice(task: EngineRequest) -> str:
         if task.output_dtype is None or task.output_dtype.itemsize > 2:
             ways.append("output_dtype='float16' or 'bfloat16' (or 'float32' for float64)")
         if task.kind in (Kind.HESSIAN, Kind.JACOBIAN):
+            ways.append("sparse=True, if the matrix is sparse (sparsity() tells its nonzeros)")
             ways.append("hvp, jvp or vjp, which never form the matrix")
+    elif isinstance(task, sparse.SparseRequest):
+        if task.output_dtype is None or task.output_dtype.itemsize > 2:
+            ways.append("output_dtype='float16' or 'bfloat16' (or 'float32' for float64)")
+        ways.append("hvp, jvp or vjp, which never form the matrix")
     else:
         ways.append("method lanczos, trace or density, or eigenvectors=False")
     ways.append("a server started with a larger --max-output-bytes")

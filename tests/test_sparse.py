@@ -350,3 +350,34 @@ def test_readme_example_runs_as_written(server_address):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["2998 3 3 1000", "4 (1000, 1000) 2998"]
+
+
+@pytest.fixture(scope="module")
+def small_client():
+    server, port = create_server(ServerConfig(port=0, max_output_bytes=500, workers=2))
+    server.start()
+    with Client(f"127.0.0.1:{port}", timeout=60) as c:
+        yield c
+    server.stop(grace=None)
+
+
+def test_sparse_results_within_the_output_limit(small_client):
+    c = small_client
+    banded = _register(c, "banded")  # 30 nonzeros: 240 bytes a point
+    assert len(c.jacobian(banded, _points((12,), batch=2), sparse=True)) == 2
+    _refused(
+        lambda: c.jacobian(banded, _points((12,), batch=4), sparse=True),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "send fewer points per request",
+    )
+    _refused(
+        lambda: c.jacobian(banded, _points((12,), batch=1)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "sparse=True, if the matrix is sparse",
+    )
+    every = c.register("reshape(inv(reshape(x, (3, 3))), (9,))", {"x": (9,)}, dtype="float64")
+    _refused(
+        lambda: c.jacobian(every, _points((9,), batch=1), sparse=True),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "one point alone is 648 bytes",
+    )
