@@ -76,10 +76,6 @@ def _parse_kind(text: str) -> Kind:
     return kind
 
 
-def _parse_bool(value: Any) -> bool:
-    return bool(value)
-
-
 # Request parameters → ComputeRequest fields: (the parameter's protocol type, the parse).
 _PARAMETERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "kind": ("string_param", _parse_kind),
@@ -88,8 +84,8 @@ _PARAMETERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "layout": ("string_param", Layout.parse),
     "jacobian_mode": ("string_param", JacobianMode.parse),
     "order": ("int64_param", int),
-    "flatten": ("bool_param", _parse_bool),
-    "packed": ("bool_param", _parse_bool),
+    "flatten": ("bool_param", bool),
+    "packed": ("bool_param", bool),
     "output_dtype": ("string_param", lambda s: _datatype(s, "output_dtype")),
 }
 # Parameters that OIP clients send for other servers' features: accepted, without effect.

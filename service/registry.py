@@ -82,10 +82,6 @@ class Registry:
             )
         return program
 
-    def names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._names)
-
     def get(self, fid: str) -> Program:
         with self._lock:
             program = self._touch(fid)
