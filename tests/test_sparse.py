@@ -6,21 +6,25 @@ status code and message."""
 from __future__ import annotations
 
 import asyncio
+import math
 import pathlib
 import re
 import subprocess
 import sys
 
 import grpc
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import sparse as scipy_sparse
 
 from hessd.client import AsyncClient, Client, InvalidArgument
+from hessd.proto.kinds import Kind
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service import sparse
 from hessd.service.config import ServerConfig
+from hessd.service.program import build_program
 from hessd.service.server import create_server
 
 from conftest import allclose
@@ -154,6 +158,29 @@ def test_passes_are_the_seed_rows(client):
     seeds = pattern.coloring.colors == np.arange(pattern.coloring.num_colors)[:, None]
     assert seeds.shape[0] == reported.passes == reported.colors
     assert reported.colors < reported.dense_passes
+
+
+@pytest.mark.parametrize(
+    ("source", "kind", "colors"),
+    [
+        ("x[1:-1]**2 - x[:-2] * sin(x[2:])", Kind.JACOBIAN, 3),
+        ("sum(x[1:] * x[:-1]) + sum(x**4)", Kind.HESSIAN, 3),
+    ],
+)
+def test_the_computation_is_one_pass_per_colour(source, kind, colors):
+    """In the traced computation the seeds are (colours, n), and no intermediate holds more
+    than batch x colours x n numbers: the dense kind's n passes never happen."""
+    spec = hessd_pb2.FunctionSpec(
+        expression=hessd_pb2.Expression(source=source),
+        inputs=[hessd_pb2.InputSpec(name="x", shape=(50,), dtype=hessd_pb2.FLOAT64)],
+    )
+    program = build_program(spec)
+    task = sparse.make_sparse_request(program, kind)
+    assert (task.pattern.colors, task.pattern.passes) == (colors, colors)
+    jaxpr = jax.make_jaxpr(task.transform(program))(np.zeros((4, 50)))
+    assert (colors, 50) in [getattr(c, "shape", None) for c in jaxpr.consts]
+    largest = max(math.prod(v.aval.shape) for e in jaxpr.jaxpr.eqns for v in e.outvars)
+    assert largest <= 4 * colors * 50 < 4 * 50 * 48
 
 
 def test_costs_against_dense(client):
