@@ -174,6 +174,7 @@ class ComputeCall:
         if self.sparse_format is not None:
             rows, cols = arrays.get("sparsity rows"), arrays.get("sparsity cols")
             sparsity = _sparse.sparsity_of(reply.sparsity, rows, cols)
+            _sparse.remember(self.request, sparsity.nnz)
             return _sparse.sparse_result(sparsity, arrays["output"], self.sparse_format)
         result: np.ndarray | dict[str, np.ndarray] = (
             arrays["output"] if list(arrays) == ["output"] else arrays
@@ -288,8 +289,10 @@ def compute_request(
     if packed and unpack:
         call.unpack = math.prod(variable)
     if sparse:
-        # The dense result's bytes bound the sparse one's: large ones stream.
         call.sparse_format = _sparse.check_format(sparse_format)
+        call.output_bytes = _sparse.expected_bytes(
+            request, batch or 0, out_dtype.itemsize, call.output_bytes
+        )
     elif sparse_format is not None:
         raise InvalidArgument("sparse_format applies only with sparse=True")
     return call

@@ -7,6 +7,7 @@ with sparse_format="arrays") a sparse result is ((rows, cols), values).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.util
 import logging
@@ -25,6 +26,8 @@ __all__ = [
     "Sparsity",
     "check_format",
     "default_format",
+    "expected_bytes",
+    "remember",
     "sparse_result",
     "sparsity_of",
     "sparsity_request",
@@ -34,6 +37,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SPARSE_FORMATS = ("scipy", "arrays")
+
+# nnz of the sparse derivatives answered so far, by what fixes their pattern: a later call
+# of one knows its size and goes unary when it is small. Before that, the dense size bounds
+# it, and calls whose dense result would pass the stream threshold stream.
+_known_nnz: collections.OrderedDict[tuple, int] = collections.OrderedDict()
+_KNOWN_SIZE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +144,37 @@ def sparsity_result(reply: hessd_pb2.SparsityPattern) -> Sparsity:
         rows = codec.decode(reply.rows, "sparsity rows")
         cols = codec.decode(reply.cols, "sparsity cols")
     return sparsity_of(reply, rows, cols)
+
+
+def _pattern_key(request: hessd_pb2.ComputeRequest) -> tuple | None:
+    if not request.function_id:
+        return None
+    return (
+        request.function_id,
+        request.kind,
+        tuple(request.wrt),
+        request.flatten,
+        request.jacobian_mode,
+    )
+
+
+def remember(request: hessd_pb2.ComputeRequest, nnz: int) -> None:
+    key = _pattern_key(request)
+    if key is not None:
+        _known_nnz[key] = nnz
+        _known_nnz.move_to_end(key)
+        while len(_known_nnz) > _KNOWN_SIZE:
+            _known_nnz.popitem(last=False)
+
+
+def expected_bytes(
+    request: hessd_pb2.ComputeRequest, batch: int, itemsize: int, dense_bytes: int
+) -> int:
+    """The bytes a sparse result will weigh (values and int32 indices), if an earlier call
+    told nnz; else `dense_bytes`, the bound."""
+    key = _pattern_key(request)
+    nnz = _known_nnz.get(key) if key is not None else None
+    return dense_bytes if nnz is None else nnz * (batch * itemsize + 8)
 
 
 def sparse_result(sparsity: Sparsity, values: np.ndarray, sparse_format: str) -> Any:

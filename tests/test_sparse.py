@@ -408,3 +408,18 @@ def test_sparse_results_within_the_output_limit(small_client):
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "one point alone is 648 bytes",
     )
+
+
+def test_a_known_pattern_goes_unary(server_address, monkeypatch):
+    """The first call streams (its dense bound, 316 KB, is over the threshold); once nnz
+    is known, a call whose values and indices fit goes unary."""
+    with Client(server_address, stream_threshold=16384) as c:
+        f = c.register("x[1:-1]**2 - x[:-2] * sin(x[2:])", {"x": (200,)}, dtype="float64")
+        first = c.jacobian(f, _points((200,), batch=1), sparse=True)
+        streamed = []
+        unwrapped = c._streamed
+        monkeypatch.setattr(c, "_streamed", lambda *a: streamed.append(a) or unwrapped(*a))
+        again = c.jacobian(f, _points((200,), batch=1), sparse=True)
+        assert not streamed and again[0].nnz == first[0].nnz == 594
+        c.jacobian(f, _points((200,), batch=8), sparse=True)  # 594 * (8 * 8 + 8) bytes
+        assert len(streamed) == 1
