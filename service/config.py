@@ -63,6 +63,11 @@ class ServerConfig:
         "per chunk; 0: an eighth of the device's memory (256 MiB on the CPU)",
     )
     max_functions: int = _field(4096, "registered functions kept (LRU)")
+    max_function_bytes: int = _field(
+        0,
+        "bytes of registered specs (constants, artifacts) kept, least recently used dropped "
+        "first; 0: a sixteenth of the machine's memory",
+    )
     max_expression_chars: int = _field(20_000, "longest expression source accepted")
     allow_jax_export: bool = _field(
         False, "accept jax_export specs: artifacts that run native code (see README)"

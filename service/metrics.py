@@ -96,6 +96,9 @@ class _StateCollector:
         yield GaugeMetricFamily(
             "hessd_registered_functions", "Functions held", value=len(self.functions)
         )
+        yield GaugeMetricFamily(
+            "hessd_registered_bytes", "Bytes of registered specs held", value=self.functions.nbytes
+        )
         memory = GaugeMetricFamily(
             "hessd_device_memory_bytes", "Device memory in use", labels=["device"]
         )

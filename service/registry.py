@@ -7,7 +7,7 @@ import threading
 
 from hessd.proto.v1 import hessd_pb2
 from hessd.service import exported
-from hessd.service.errors import NotFound
+from hessd.service.errors import NotFound, ResourceExhausted
 from hessd.service.expression import ExpressionLimits
 from hessd.service.program import Program, build_program, function_id
 
@@ -17,8 +17,9 @@ __all__ = ["Registry"]
 class Registry:
     """Programs by function id. Registering a known spec costs a hash, nothing more.
 
-    Holds at most `max_functions`; the least recently used is dropped first, and a client
-    that meets NOT_FOUND registers again (any replica can rebuild any spec).
+    Holds at most `max_functions` specs of at most `max_bytes` together (constants and
+    artifacts are most of a spec's bytes); the least recently used is dropped first, and a
+    client that meets NOT_FOUND registers again (any replica can rebuild any spec).
     """
 
     def __init__(
@@ -26,8 +27,12 @@ class Registry:
         max_functions: int = 4096,
         limits: ExpressionLimits = ExpressionLimits(),
         allow_jax_export: bool = False,
+        max_bytes: int = 1 << 62,
     ):
         self.max_functions = max_functions
+        self.max_bytes = max_bytes
+        self._sizes: dict[str, int] = {}
+        self._bytes = 0
         self.limits = limits
         self.allow_jax_export = allow_jax_export
         self._programs: collections.OrderedDict[str, Program] = collections.OrderedDict()
@@ -44,6 +49,7 @@ class Registry:
         server that does not allow them.
         """
         fid = function_id(spec)
+        size = spec.ByteSize()
         with self._lock:
             program = self._touch(fid)
         if program is not None:
@@ -51,17 +57,33 @@ class Registry:
                 with self._lock:
                     self._names[name] = fid
             return program
+        if size > self.max_bytes:
+            raise ResourceExhausted(
+                f"the spec is {size} bytes (its constants or artifact), over this server's "
+                f"bound of {self.max_bytes} bytes for all registered functions "
+                "(--max-function-bytes); pass large arrays as shared inputs or resident "
+                "tensors (Client.put) instead of constants"
+            )
         if spec.WhichOneof("body") == "jax_export":
             program = exported.build_program(spec, self.allow_jax_export)
         else:
             program = build_program(spec, self.limits)
         with self._lock:
+            if fid not in self._programs:
+                self._bytes += size
+                self._sizes[fid] = size
             self._programs[fid] = program
             if name:
                 self._names[name] = fid
-            while len(self._programs) > self.max_functions:
-                self._programs.popitem(last=False)
+            while len(self._programs) > self.max_functions or self._bytes > self.max_bytes:
+                evicted, _ = self._programs.popitem(last=False)
+                self._bytes -= self._sizes.pop(evicted)
         return program
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the specs held."""
+        return self._bytes
 
     def named(self, name: str) -> Program:
         """The Program registered under `name`; NotFound naming the known names otherwise."""

@@ -4,6 +4,7 @@ reflection, metrics and graceful shutdown."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent import futures
 
@@ -57,6 +58,7 @@ class HessdServer:
             config.max_functions,
             ExpressionLimits(max_chars=config.max_expression_chars),
             allow_jax_export=config.allow_jax_export,
+            max_bytes=config.max_function_bytes or _machine_memory() // 16,
         )
         resident = ResidentStore(config.max_resident_bytes)
         self.metrics.watch(engine, functions, batcher, resident)
@@ -126,6 +128,10 @@ class HessdServer:
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
+
+
+def _machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def enable_x64() -> None:

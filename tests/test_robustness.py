@@ -272,3 +272,25 @@ def test_engine_stops_between_chunks_when_the_caller_has_gone():
     with pytest.raises(Cancelled, match="stopped after 4 of 8 points"):
         engine.run(program, make_request(program, Kind.GRADIENT), [np.ones((8, 3))],
                    is_active=is_active)  # fmt: skip
+
+
+def test_registered_specs_are_bounded_in_bytes():
+    """Twelve 100 MB constants used to stay resident: the registry is an LRU in bytes too."""
+    server, port = create_server(ServerConfig(port=0, workers=2, max_function_bytes=1_000_000))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            fs = [
+                client.register(
+                    "sum(A @ x)", {"x": (250,)}, {"A": np.full((250, 250), float(i))}, "float64"
+                )
+                for i in range(3)
+            ]  # 500 kB of constants each: only one fits at a time
+            registry = server.servicer.registry
+            assert len(registry) == 1 and registry.nbytes <= 1_000_000
+            # The dropped one is registered again by the client, transparently.
+            assert client.value(fs[0], np.ones((1, 250)))[0] == 0.0
+            with pytest.raises(ResourceExhausted, match="--max-function-bytes"):
+                client.register("sum(A @ x)", {"x": (400,)}, {"A": np.ones((400, 400))}, "float64")
+    finally:
+        server.stop(None)
