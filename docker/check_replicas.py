@@ -30,8 +30,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hessd.client import Client, HessdError
+from hessd.proto.oip import grpc_predict_v2_pb2 as oip_pb2
 
-CHECKS = ("health", "healthcheck", "quickstart", "spread", "kill", "cache", "drain")
+CHECKS = ("health", "healthcheck", "quickstart", "oip", "spread", "kill", "cache", "drain")
 # The image's compile-cache volume (docker/Dockerfile.cpu: --compile-cache-dir).
 CACHE_DIR = "/var/cache/hessd/jax"
 # What service/engine.py logs at INFO for every executable it builds.
@@ -154,6 +155,40 @@ def check_quickstart(replicas: list[Replica], args) -> str:
     printed = out.getvalue().strip().splitlines()
     require(printed[:1] == ["cpu"], f"server_info backend: {printed[:1]}")
     return f"Client({[r.address for r in replicas]}): printed " + " | ".join(printed)
+
+
+def check_oip(replicas: list[Replica], args) -> str:
+    """The Open Inference Protocol on each replica's port: ServerReady, then a Hessian of a
+    function registered there under a name, against hessd.v1's."""
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    seen = []
+    for r in replicas:
+        with Client(r.address, timeout=60) as c:
+            f = c.register("sum(x ** 2) * prod(x)", inputs={"x": (3,)}, dtype="float64",
+                           name="docker-check")  # fmt: skip
+            expected = c.hessian(f, x)
+        with grpc.insecure_channel(r.address) as channel:
+
+            def call(method: str, request, reply):
+                return channel.unary_unary(
+                    f"/inference.GRPCInferenceService/{method}",
+                    request_serializer=type(request).SerializeToString,
+                    response_deserializer=reply.FromString,
+                )(request, timeout=60)
+
+            ready = call("ServerReady", oip_pb2.ServerReadyRequest(), oip_pb2.ServerReadyResponse)
+            require(ready.ready, f"{r.container}: ServerReady false")
+            request = oip_pb2.ModelInferRequest(model_name="docker-check", model_version="hessian")
+            request.inputs.add(name="x", datatype="FP64", shape=x.shape)
+            request.raw_input_contents.append(x.tobytes())
+            reply = call("ModelInfer", request, oip_pb2.ModelInferResponse)
+            (out,) = reply.outputs
+            got = np.frombuffer(reply.raw_output_contents[0], np.float64).reshape(out.shape)
+            require(
+                np.array_equal(got, expected), f"{r.container}: ModelInfer differs from hessd.v1"
+            )
+        seen.append(f"{r.container} {out.name} {list(out.shape)} {out.datatype}")
+    return "ServerReady and ModelInfer equal to hessd.v1: " + ", ".join(seen)
 
 
 def check_spread(replicas: list[Replica], args) -> str:
@@ -370,6 +405,7 @@ RUNNERS: dict[str, Callable[[list[Replica], argparse.Namespace], str]] = {
     "health": check_health,
     "healthcheck": check_docker_healthcheck,
     "quickstart": check_quickstart,
+    "oip": check_oip,
     "spread": check_spread,
     "kill": check_kill,
     "cache": check_cache,

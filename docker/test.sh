@@ -218,7 +218,7 @@ compose_replicas() {
         replicas+=(--replica "$(docker inspect -f '{{.Name}}' "$id" | tr -d /)=127.0.0.1:${compose_ports[i - 1]}")
     done
     say "compose ($(compose version --short 2>/dev/null || true)): hessd-1..3 up in $(since "$start") s, without envoy"
-    check "${replicas[@]}" --checks health,healthcheck,quickstart,spread,kill
+    check "${replicas[@]}" --checks health,healthcheck,quickstart,oip,spread,kill
 }
 
 main() {
