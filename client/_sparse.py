@@ -37,6 +37,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SPARSE_FORMATS = ("scipy", "arrays")
+_COLORING_NAMES = {
+    hessd_pb2.COLUMN: "column",
+    hessd_pb2.ROW: "row",
+    hessd_pb2.SYMMETRIC: "symmetric",
+}
 
 # nnz of the sparse derivatives answered so far, by what fixes their pattern: a later call
 # of one knows its size and goes unary when it is small. Before that, the dense size bounds
@@ -52,7 +57,8 @@ class Sparsity:
 
     rows, cols     (nnz,) each, row-major: the structural nonzeros (None with counts_only,
                    or when every_entry: detection proved no entry zero)
-    coloring       "column" (JVPs), "row" (VJPs) or "symmetric" (HVPs, star colouring)
+    coloring       "column" (JVPs), "row" (VJPs), "symmetric" (HVPs, star colouring), or
+                   "none" (every_entry: nothing to colour)
     colors         colours of the pattern; passes: JVPs/VJPs/HVPs per point as computed
                    (colors, or dense_passes when the server computes dense)
     dense_passes   what the dense kind costs per point: min(m, n) or n
@@ -97,7 +103,7 @@ def sparsity_of(
     return Sparsity(
         shape=(m, n),
         nnz=message.nnz,
-        coloring=hessd_pb2.SparseColoring.Name(message.coloring).lower(),
+        coloring=_COLORING_NAMES.get(message.coloring, "none"),
         colors=message.colors,
         passes=message.passes,
         dense_passes=message.dense_passes,

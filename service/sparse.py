@@ -95,7 +95,7 @@ class Pattern:
     cols: np.ndarray | None
     coloring: Any  # asdex.ColoredPattern | None
     colors: int
-    mode: str  # asdex's: "fwd", "rev" or "fwd_over_rev"
+    mode: str  # asdex's: "fwd", "rev" or "fwd_over_rev"; "" when nothing was coloured
     dense_passes: int
     dense_reason: str = ""
     # Pattern order (row-major) from asdex's order; None when they agree.
@@ -226,22 +226,21 @@ def _detect(program: Program, kind: Kind, wrt: Wrt, mode: JacobianMode) -> Patte
     m = n if kind is Kind.HESSIAN else math.prod(program.output_shape)
     dense_passes = n if kind is Kind.HESSIAN else min(m, n)
     flat = _flat_function(program, wrt)
-    args = [np.zeros(n, wrt_dtype(program, wrt))]
+    args = [np.zeros(n, _variable_dtype(program, wrt))]
     args += [np.zeros(s.shape, s.dtype) for s in program.inputs]
 
-    def dense(reason: str, mode: str) -> Pattern:
+    def dense(reason: str) -> Pattern:
+        """Every entry, computed dense: no pattern was found, so nothing was coloured."""
         logger.info("sparse %s of %s: %s", kind.value, program.function_id[:12], reason)
-        return Pattern(kind, (m, n), None, None, None, 0, mode, dense_passes, reason)
+        return Pattern(kind, (m, n), None, None, None, 0, "", dense_passes, reason)
 
-    default_mode = "fwd_over_rev" if kind is Kind.HESSIAN else "fwd"
     if m * n > MAX_DETECTED_NONZEROS:
         estimate = _estimate_nonzeros(flat, kind, args)
         if estimate > MAX_DETECTED_NONZEROS:
             return dense(
                 f"the pattern looks too dense to detect: about {estimate:.3g} of its "
                 f"{m * n} entries are nonzero at a random point (over {MAX_DETECTED_NONZEROS}); "
-                "computed dense",
-                default_mode,
+                "computed dense"
             )
     try:
         with warnings.catch_warnings():
@@ -259,8 +258,7 @@ def _detect(program: Program, kind: Kind, wrt: Wrt, mode: JacobianMode) -> Patte
         # asdex names the primitive it has no rule for ("No handler for primitive 'x'. ...").
         what = str(e).split(".")[0].removeprefix("No handler for ")
         return dense(
-            f"pattern detection has no rule for {what} (asdex): every entry computed dense",
-            default_mode,
+            f"pattern detection has no rule for {what} (asdex): every entry computed dense"
         )
     sparsity = coloring.sparsity
     rows, cols = np.asarray(sparsity.rows), np.asarray(sparsity.cols)
@@ -288,7 +286,7 @@ def _detect(program: Program, kind: Kind, wrt: Wrt, mode: JacobianMode) -> Patte
     )
 
 
-def wrt_dtype(program: Program, wrt: Wrt) -> np.dtype:
+def _variable_dtype(program: Program, wrt: Wrt) -> np.dtype:
     return np.result_type(*(program.inputs[i].dtype for i in wrt.indices))
 
 

@@ -259,7 +259,7 @@ def test_colours_near_n_answer_dense_and_say_so(client):
 def test_detection_without_a_rule_falls_back_to_dense(client):
     f = client.register("reshape(inv(reshape(x, (3, 3))), (9,))", {"x": (9,)}, dtype="float64")
     p = client.sparsity(f, "jacobian")
-    assert p.every_entry and p.nnz == 81
+    assert p.every_entry and p.nnz == 81 and (p.coloring, p.colors, p.passes) == ("none", 0, 9)
     assert "no rule for primitive 'custom_linear_solve'" in p.dense_reason
     X = _points((9,)) + 4 * np.eye(3).reshape(9)
     result = client.jacobian(f, X, sparse=True)
