@@ -37,7 +37,7 @@ import numpy as np
 from hessd.client import Client, ResourceExhausted
 
 from _servers import start_server
-from _timing import timed, write_json
+from _timing import timed, wait_for_quiet, write_json
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "sparse.json"
 LAMBDA = 1.0
@@ -183,8 +183,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--max-wait", type=float, default=180, help="seconds to wait for a load average < 2.5"
+    )
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", True)
+    load = wait_for_quiet(threshold=2.5, max_wait=args.max_wait)
     proc, address, _ = start_server()
     try:
         with Client(address, timeout=900) as c:
@@ -206,6 +210,8 @@ def main() -> int:
         RESULTS,
         {
             "machine": {"cpus": os.cpu_count(), "backend": jax.default_backend()},
+            "load_average_at_start": load,
+            "load_average_at_end": os.getloadavg()[0],
             "max_output_bytes": max_output,
             "batch": 1,
             "rows": rows,
