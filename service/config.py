@@ -49,6 +49,12 @@ class ServerConfig:
         "RESOURCE_EXHAUSTED",
     )
     executable_cache_size: int = _field(256, "compiled executables kept (LRU)")
+    log_requests: bool = _field(
+        False, "log one line per call on the hessd.requests logger (else at DEBUG level)"
+    )
+    stream_idle_seconds: float = _field(
+        30.0, "a stream whose client sends nothing for this long while it is read is cancelled"
+    )
     max_call_seconds: float = _field(
         600.0,
         "bound on every call, client deadline or not: work stops between chunks of points "

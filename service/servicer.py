@@ -6,11 +6,13 @@ a bug, logged with its traceback and answered INTERNAL. The server keeps serving
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -68,6 +70,7 @@ E = TypeVar(
     DiagonalEstimator,
 )
 _Request = TypeVar("_Request")
+_Message = TypeVar("_Message")
 _Reply = TypeVar("_Reply")
 # One line per call: id, method, function, kind, points, status, milliseconds.
 request_log = logging.getLogger("hessd.requests")
@@ -105,6 +108,39 @@ def _rpc(
         _abort(context, status, message)
 
     return wrapper
+
+
+class _IdleWatch:
+    """Cancels a stream whose client sends nothing for `seconds` while it is read, so that
+    a client that sends a header and waits cannot hold a worker thread for ever."""
+
+    def __init__(self, context: grpc.ServicerContext, seconds: float):
+        self.context, self.seconds = context, seconds
+        self.last = time.monotonic()
+        self.expired = False
+        self._done = threading.Event()
+
+    def messages(self, messages: Iterable[_Message]) -> Iterator[_Message]:
+        for message in messages:
+            self.last = time.monotonic()
+            yield message
+
+    def __enter__(self) -> _IdleWatch:
+        if self.seconds > 0:
+            threading.Thread(target=self._watch, name="hessd-idle-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        if self.expired:
+            logger.info("a stream sent nothing for %.1f s: cancelled", self.seconds)
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self.seconds / 4)):
+            if time.monotonic() - self.last > self.seconds:
+                self.expired = True
+                self.context.cancel()
+                return
 
 
 # A status message travels in a header (percent-encoded beyond ASCII) under the peer's
@@ -151,6 +187,22 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         self.registry = registry
         self.metrics = metrics
         self.tokens = tokens
+        # Streams may take at most half the worker threads (at least one), so that idle or
+        # slow uploads can never starve unary calls and health checks of a thread.
+        self._stream_slots = threading.BoundedSemaphore(max(1, config.workers // 2))
+
+    @contextlib.contextmanager
+    def _stream_slot(self) -> Iterator[None]:
+        """One of the stream slots while a stream is read; RESOURCE_EXHAUSTED if none."""
+        if not self._stream_slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"{max(1, self.config.workers // 2)} streams are already being received, half "
+                "this server's --workers; retry, or send requests under 1 MiB as unary calls"
+            )
+        try:
+            yield
+        finally:
+            self._stream_slots.release()
 
     @_rpc
     def Register(
@@ -189,9 +241,12 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         self, request_iterator: Iterator[hessd_pb2.StreamMessage], context: grpc.ServicerContext
     ) -> Iterator[hessd_pb2.StreamMessage]:
         try:
-            header, buffers = stream.receive(
-                request_iterator, "compute_request", self.config.max_request_bytes
-            )
+            with self._stream_slot(), _IdleWatch(context, self.config.stream_idle_seconds) as watch:
+                header, buffers = stream.receive(
+                    watch.messages(request_iterator),
+                    "compute_request",
+                    self.config.max_request_bytes,
+                )
         except codec.LimitExceeded as e:
             raise ResourceExhausted(str(e)) from None
         except codec.TensorError as e:
@@ -570,7 +625,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
     ) -> hessd_pb2.PutResponse:
         limit = min(self.config.max_request_bytes, self.config.max_resident_bytes)
         try:
-            header, (buffer,) = stream.receive(request_iterator, "put_request", limit)
+            with self._stream_slot(), _IdleWatch(context, self.config.stream_idle_seconds) as watch:
+                messages = watch.messages(request_iterator)
+                header, (buffer,) = stream.receive(messages, "put_request", limit)
         except codec.LimitExceeded as e:
             raise ResourceExhausted(f"{e} (--max-resident-bytes, --max-request-bytes)") from None
         except codec.TensorError as e:
@@ -656,13 +713,18 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         function = getattr(request, "function_id", "") or (
             "inline" if method != "ServerInfo" else "-"
         )
-        request_id = (
-            dict(context.invocation_metadata() or ()).get("x-request-id") or (uuid.uuid4().hex[:16])
-        )
-        request_log.info(
-            "id=%s method=%s function=%s kind=%s points=%d status=%s ms=%.2f",
-            request_id, method, function[:16], kind, points, status.name, 1e3 * seconds,
-        )  # fmt: skip
+        # The line is opt-in (--log-requests logs it at INFO; otherwise it is DEBUG): at
+        # thousands of small calls a second it cost more than the engine's share of a call.
+        level = logging.INFO if self.config.log_requests else logging.DEBUG
+        if request_log.isEnabledFor(level):
+            request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or (
+                uuid.uuid4().hex[:16]
+            )
+            request_log.log(
+                level,
+                "id=%s method=%s function=%s kind=%s points=%d status=%s ms=%.2f",
+                request_id, method, function[:16], kind, points, status.name, 1e3 * seconds,
+            )  # fmt: skip
         self.metrics.requests.labels(method, kind, status.name).inc()
         self.metrics.latency.labels(method, kind).observe(seconds)
         if points:

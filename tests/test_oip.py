@@ -427,7 +427,8 @@ def test_token_required(guarded):
 
 
 def test_metrics_and_request_log_count_model_infer(rng, caplog):
-    server = HessdServer(ServerConfig(host="127.0.0.1", port=0, workers=4), Tokens())
+    config = ServerConfig(host="127.0.0.1", port=0, workers=4, log_requests=True)
+    server = HessdServer(config, Tokens())
     server.start()
     address = f"127.0.0.1:{server.port}"
     triton = tritonclient_grpc.InferenceServerClient(url=address)

@@ -190,7 +190,7 @@ def test_draining_server_is_not_serving_and_refuses_new_calls():
 
 
 def test_metrics_and_request_log(caplog):
-    server, address = started(metrics_port=0)
+    server, address = started(metrics_port=0, log_requests=True)
     try:
         with caplog.at_level(logging.INFO, logger="hessd.requests"), Client(address) as c:
             f = sum_of_squares(c)

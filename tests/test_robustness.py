@@ -294,3 +294,47 @@ def test_registered_specs_are_bounded_in_bytes():
                 client.register("sum(A @ x)", {"x": (400,)}, {"A": np.ones((400, 400))}, "float64")
     finally:
         server.stop(None)
+
+
+def test_idle_stream_is_cancelled_and_others_are_served():
+    """Streams that send a header and wait no longer hold every worker: each is cancelled
+    after --stream-idle-seconds, and unary calls and health answer meanwhile."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server, port = create_server(ServerConfig(port=0, workers=4, stream_idle_seconds=1.0))
+    server.start()
+    release = threading.Event()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as client:
+            f = client.register("sum(x**2)", {"x": (3,)}, dtype="float64")
+            header = hessd_pb2.ComputeRequest(function_id=f.id, kind=hessd_pb2.VALUE)
+            codec.encode(np.ones((1, 3)), out=header.inputs.add(name="x").tensor, data=False)
+
+            def idle():
+                yield hessd_pb2.StreamMessage(compute_request=header)
+                release.wait(30)
+
+            stub = hessd_pb2_grpc.HessdStub(client._channel)
+            health = health_pb2_grpc.HealthStub(client._channel)
+            start = time.monotonic()
+            calls = [stub.ComputeStream(idle()) for _ in range(4)]  # as many as workers
+            time.sleep(0.3)
+            # Half the workers take streams; the rest answer health and small calls at once.
+            reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert client.value(f, np.ones((1, 3)), timeout=1)[0] == 3.0
+            codes = []
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as info:
+                    list(call)
+                codes.append(info.value.code())
+            assert time.monotonic() - start < 10
+            # Two were read and cancelled when idle, two refused for want of a slot.
+            assert sorted(c.name for c in codes) == sorted(
+                ["CANCELLED", "CANCELLED", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"]
+            )
+    finally:
+        release.set()
+        server.stop(None)
