@@ -6,11 +6,20 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from hessd.proto.kinds import Method
+from hessd.proto.kinds import BuiltinLoss, Method, Operator, Reduction
 from hessd.tools import _args
-from hessd.tools._common import Refused, add_connection_arguments
+from hessd.tools._common import DEFAULT_ADDRESS, Refused, add_connection_arguments
 
-__all__ = ["METHODS", "add_arguments", "job_options", "server_options"]
+__all__ = [
+    "METHODS",
+    "OPERATORS",
+    "add_arguments",
+    "addresses",
+    "job_options",
+    "manifest_objective",
+    "objective_options",
+    "server_options",
+]
 
 METHODS = tuple(m.value for m in (Method.EXACT, Method.LANCZOS, Method.DENSITY))
 # The flags that define each method's results, in the manifest's order. They all go to the
@@ -23,6 +32,19 @@ _JOB_OPTIONS = {
 _METHOD_FLAGS = ("eigenvectors", "k", "num_steps", "num_probes")
 # Counts the server picks when a request leaves them 0.
 _SERVER_CHOSEN = ("k", "num_steps", "num_probes")
+OPERATORS = tuple(o.value for o in Operator)
+# The flags of an objective over --data, as Client.spectrum names them. All but the chunk
+# of examples define the results (which do not depend on the chunking beyond rounding), so
+# they go in the manifest.
+_OBJECTIVE_OPTIONS = ("operator", "loss", "target", "reduction", "mc_samples")
+_OBJECTIVE_DEFAULTS: dict[str, Any] = {
+    "operator": Operator.HESSIAN_OPERATOR.value,
+    "loss": None,
+    "target": "y",
+    "reduction": Reduction.MEAN.value,
+    "mc_samples": 0,
+    "data_chunk_size": 0,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunk-size",
         type=_args.positive_int,
         default=64,
-        help="points per request, and per resumable part (default: %(default)s)",
+        help="points per request, and per resumable part (default: %(default)s); the "
+        "examples per pass over --data are --data-chunk-size",
     )
     parser.add_argument(
         "--seed",
@@ -83,7 +106,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show the progress bar (it needs tqdm) even when stderr is not a terminal",
     )
+    objective = parser.add_argument_group(
+        "objective over a data set",
+        "With --data, the function is a model f(w, x) (or, without --loss, a scalar "
+        "per-example term), its points are parameter vectors (checkpoints), and the "
+        "spectrum is of a curvature operator of L(w) = mean (or sum) over the examples.",
+    )
+    objective.add_argument(
+        "--data",
+        metavar="NPZ",
+        help="the data set: one (N, ...) array per per-example input of the function, and "
+        "the targets (--target) when --loss is given; uploaded once per server",
+    )
+    objective.add_argument(
+        "--operator",
+        choices=OPERATORS,
+        help="with --data: the curvature operator (default: hessian); ggn and fisher need --loss",
+    )
+    objective.add_argument(
+        "--loss",
+        help="with --data: mse, softmax_cross_entropy, or an expression in output and "
+        "target; without it the function is the per-example loss",
+    )
+    objective.add_argument(
+        "--target", help="with --loss: the array of --data that holds the targets (default: y)"
+    )
+    objective.add_argument(
+        "--reduction",
+        choices=tuple(r.value for r in Reduction),
+        help="with --data: L is the mean or the sum over the examples (default: mean)",
+    )
+    objective.add_argument(
+        "--data-chunk-size",
+        type=_args.positive_int,
+        help="with --data: examples per pass on the device (default: the server picks it "
+        "from its memory); results do not depend on it beyond rounding",
+    )
+    objective.add_argument(
+        "--mc-samples",
+        type=_args.positive_int,
+        help="with --operator fisher: sampled labels per example (default: the server's)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_args.positive_int,
+        default=1,
+        help="requests in flight at once, spread over the --address servers in turn "
+        "(default: %(default)s)",
+    )
     connection = add_connection_arguments(parser, timeout=600.0, what="per request")
+    # Several --address: the shared flag, redefined in its group as a repeatable one.
+    connection.conflict_handler = "resolve"
+    connection.add_argument(
+        "--address",
+        action="append",
+        help="host:port, or dns:///name:port for every replica the name resolves to; "
+        f"repeat it to spread the chunks over several servers (default: {DEFAULT_ADDRESS})",
+    )
     connection.add_argument(
         "--retry-seconds",
         type=_args.non_negative_float,
@@ -105,6 +184,45 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
                 f"it applies to {' and '.join(takers)}"
             )
     return {name: getattr(args, name) for name in applies}
+
+
+def addresses(args: argparse.Namespace) -> list[str]:
+    """The servers, in the order given (the default's one if none)."""
+    return list(args.address or [DEFAULT_ADDRESS])
+
+
+def objective_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The objective's flags as Client.spectrum takes them (without the data), None without
+    --data; one of them without --data, or a combination the server would refuse, is
+    refused here with the flag's name."""
+    given = {name: getattr(args, name) for name in _OBJECTIVE_DEFAULTS}
+    if args.data is None:
+        stray = [name for name, value in given.items() if value is not None]
+        if stray:
+            flags = ", ".join("--" + name.replace("_", "-") for name in stray)
+            raise Refused(f"{flags} apply to an objective over a data set: give --data NPZ")
+        return None
+    options: dict[str, Any] = {
+        name: _OBJECTIVE_DEFAULTS[name] if value is None else value for name, value in given.items()
+    }
+    operator = Operator.parse(options["operator"])
+    if options["loss"] is None:
+        if operator.needs_loss:
+            raise Refused(
+                f"--operator {operator.value} needs the model and its loss given apart: add "
+                f"--loss ({', '.join(b.value for b in BuiltinLoss)}, or an expression in "
+                "output and target) and give the model as the function"
+            )
+        if args.target is not None:
+            raise Refused("--target names the targets of --loss; give --loss too")
+    if args.mc_samples is not None and operator is not Operator.FISHER:
+        raise Refused(f"--mc-samples applies to --operator fisher, not {operator.value}")
+    return options
+
+
+def manifest_objective(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The objective options that define the results (the manifest's part)."""
+    return {name: options[name] for name in _OBJECTIVE_OPTIONS}
 
 
 def server_options(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from hessd.tools._common import Refused, matplotlib
 __all__ = [
     "LINSCALE",
     "eigenvalue_histogram",
+    "operator_name",
     "plot",
     "spectrum_figure",
     "summary",
@@ -135,20 +136,47 @@ def _power_of_ten(value: float, _: object = None) -> str:
     return f"${sign}10^{{{round(math.log10(abs(value)))}}}$"
 
 
-def plot(path: Path, result: Mapping[str, np.ndarray], method: str, function_id: str) -> None:
+# The curvature operators (--operator) as the labels name them.
+_OPERATOR_NAMES = {
+    "hessian": "Hessian",
+    "ggn": "GGN",
+    "fisher": "Fisher",
+    "empirical_fisher": "empirical Fisher",
+}
+
+
+def operator_name(operator: str | None) -> str:
+    """The operator as a label names it: "Hessian" for None (a function's own Hessian)."""
+    return _OPERATOR_NAMES.get(operator, operator) if operator else "Hessian"
+
+
+def plot(
+    path: Path,
+    result: Mapping[str, np.ndarray],
+    method: str,
+    function_id: str,
+    operator: str | None = None,
+) -> None:
     """Write `spectrum_figure` as a PNG; Refused if it cannot be written."""
-    figure = spectrum_figure(result, method, function_id)
+    figure = spectrum_figure(result, method, function_id, operator)
     try:
         figure.canvas.print_png(str(path))
     except OSError as e:
         raise Refused(f"cannot write the plot {path}: {e}") from None
 
 
-def spectrum_figure(result: Mapping[str, np.ndarray], method: str, function_id: str) -> Any:
+def spectrum_figure(
+    result: Mapping[str, np.ndarray],
+    method: str,
+    function_id: str,
+    operator: str | None = None,
+) -> Any:
     """The picture of a job's result (a matplotlib Figure on an Agg canvas): for exact and
     lanczos the histogram of every eigenvalue at every point, for density the mean of the
     points' smoothed densities on one grid spanning all of theirs; and the extreme
-    eigenvalues per point (for density the extreme Ritz values)."""
+    eigenvalues per point (for density the extreme Ritz values). `operator` (--operator
+    over --data) names the matrix in the labels; None is the Hessian."""
+    matrix = operator_name(operator)
     Figure, FigureCanvasAgg = matplotlib()
     from matplotlib import ticker
 
@@ -166,7 +194,7 @@ def spectrum_figure(result: Mapping[str, np.ndarray], method: str, function_id: 
         ax.plot(common, mean)
         ax.set_xlim(common[0], common[-1])
         ax.set_ylim(bottom=0)
-        ax.set_xlabel("Hessian eigenvalue λ")
+        ax.set_xlabel(f"{matrix} eigenvalue λ")
         ax.set_ylabel("spectral density (SLQ), mean over points")
         nodes = result["nodes"].reshape(num_points, -1)
         lo, hi = np.nanmin(nodes, axis=1), np.nanmax(nodes, axis=1)
@@ -182,13 +210,14 @@ def spectrum_figure(result: Mapping[str, np.ndarray], method: str, function_id: 
         symlog_axis(ax, "x", data_lo, data_hi, linthresh)
         _log_axis(ax, "y", 1.0, max(1.0, float(bars.get_data().values.max(initial=1))))
         ax.set_ylim(bottom=0.7)
-        ax.set_xlabel(f"Hessian eigenvalue λ (symlog axis, linear within ±{_plain(linthresh)})")
+        ax.set_xlabel(f"{matrix} eigenvalue λ (symlog axis, linear within ±{_plain(linthresh)})")
         ax.set_ylabel("eigenvalues per bin\n(bins of equal width on this axis)")
         lo, hi = np.nanmin(eigenvalues, axis=1), np.nanmax(eigenvalues, axis=1)
         count = eigenvalues.shape[1]
         what = f"{'all' if method == 'exact' else 'the extreme'} {count} eigenvalues"
+    of = "" if operator is None else f" of the {matrix}"
     figure.suptitle(
-        f"{method}: {what} at each of {num_points} points · function {function_id[:12]}",
+        f"{method}: {what}{of} at each of {num_points} points · function {function_id[:12]}",
         fontsize="medium",
     )
     _draw_extremes(along, lo, hi)
@@ -273,8 +302,10 @@ def summary(
     wall: float,
     computed: int,
     resumed: int,
+    operator: str | None = None,
 ) -> str:
-    """One line per class: count, fraction, how many stationary; the total; the timing."""
+    """One line per class: count, fraction, how many stationary; the total; the timing.
+    Over data (`operator` given), the classes are of that operator's spectrum."""
     point_class, stationary = result["point_class"], result["stationary"]
     total = point_class.shape[0]
     lines = [f"{'class':<12}{'count':>8}{'fraction':>10}{'stationary':>12}"]
@@ -285,7 +316,8 @@ def summary(
             f"{name:<12}{count:>8}{count / total:>10.3f}{int(stationary[members].sum()):>12}"
         )
     lines.append(f"{'total':<12}{total:>8}{1:>10.3f}{int(stationary.sum()):>12}")
-    timing = f"{method}, function {function_id[:12]}: {wall:.2f} s wall, "
+    of = "" if operator is None else f" of the {operator_name(operator)}"
+    timing = f"{method}{of}, function {function_id[:12]}: {wall:.2f} s wall, "
     timing += f"{computed / wall:.1f} points/s"
     if resumed:
         timing += f" ({computed} computed now, {resumed} resumed from an earlier run)"

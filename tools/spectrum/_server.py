@@ -1,5 +1,5 @@
 """The server as the job sees it: a server that is unavailable is waited for, within a
-budget; a restarted one that has forgotten the function is given it again."""
+budget; a restarted one that has forgotten the function (or the data) is given it again."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from hessd.client import Client, DeadlineExceeded, Function, NotFound, Spectrum, Unavailable
+from hessd.client import (
+    Client,
+    DeadlineExceeded,
+    Function,
+    Handle,
+    NotFound,
+    Spectrum,
+    Unavailable,
+)
 from hessd.tools._common import ServerGone
 from hessd.tools._function_file import FunctionSpec
 
@@ -87,6 +95,11 @@ class RetryingServer:
             lambda: self._client.register(spec.expression, spec.inputs, spec.constants, spec.dtype)
         )
         return self.function
+
+    def put(self, array: np.ndarray) -> Handle:
+        """Upload an array (the data set's) once; a later call that finds the server
+        without it (restarted, evicted) has the client put it again."""
+        return self._retrying(lambda: self._client.put(array))
 
     def spectrum(
         self, points: Mapping[str, np.ndarray], method: str, options: Mapping[str, Any]
