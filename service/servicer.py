@@ -717,8 +717,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         # thousands of small calls a second it cost more than the engine's share of a call.
         level = logging.INFO if self.config.log_requests else logging.DEBUG
         if request_log.isEnabledFor(level):
-            request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or (
-                uuid.uuid4().hex[:16]
+            request_id = (
+                dict(context.invocation_metadata() or ()).get("x-request-id")
+                or (uuid.uuid4().hex[:16])
             )
             request_log.log(
                 level,
