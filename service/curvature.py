@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -80,7 +81,7 @@ class Objective:
 
     data: the program's inputs that come per example (their indices), in the order their
         arrays follow the point arguments; then the target, if `loss` is set.
-    examples: N. chunk: examples per scan step; num_chunks * chunk ≥ N, padded.
+    examples: N. chunk: examples per scan step; N mod chunk more make one last step.
     loss: None (f is the per-example term), a BuiltinLoss, or an expression's source.
     """
 
@@ -100,19 +101,15 @@ class Objective:
         return -(-self.examples // self.chunk)
 
     @property
-    def padded(self) -> int:
-        return self.num_chunks * self.chunk
-
-    @property
     def num_data_args(self) -> int:
         """Arrays that follow the point arguments: data, the target, the weights."""
         return len(self.data) + (self.loss is not None) + 1
 
     def weights(self, dtype: np.dtype) -> np.ndarray:
-        """(padded,) wᵢ, zero on the padding."""
-        w = np.zeros(self.padded, dtype)
-        w[: self.examples] = 1 / self.examples if self.reduction is Reduction.MEAN else 1
-        return w
+        """(N,) wᵢ: 1/N for the mean, 1 for the sum."""
+        return np.full(
+            self.examples, 1 / self.examples if self.reduction is Reduction.MEAN else 1, dtype
+        )
 
 
 # The plain Hessian of f at a point: one "example", no data.
@@ -122,7 +119,7 @@ NO_DATA = Objective(data=(), examples=1, chunk=1, present=False)
 class PointOperator:
     """The objective and its operator C at one point θ: value, gradient, C v, C V.
 
-    Built inside a trace (per point, under vmap over points); `data` are the padded data
+    Built inside a trace (per point, under vmap over points); `data` are the data
     arrays, the target and the weights, each with the example axis first.
     """
 
@@ -150,7 +147,7 @@ class PointOperator:
         else:
             self._xs, self._target = [], None
             self._weights = jnp.ones((1,), theta.dtype)
-        self._index = jnp.arange(objective.padded)
+        self._index = jnp.arange(objective.examples)
 
     # One example ------------------------------------------------------------------------
 
@@ -226,54 +223,168 @@ class PointOperator:
 
     # Reductions over the data set -------------------------------------------------------
 
-    def _chunked(self, a: jax.Array) -> jax.Array:
+    def _parts(self, weights: jax.Array) -> tuple[Any, Any]:
+        """The data, target, weights and example indices as (whole chunks, remainder): the
+        first (num_chunks, chunk, ...) for the scan, the rest (N mod chunk, ...) for one
+        more step, or None where there is none. Slices of the arrays as sent: no padding."""
         o = self.objective
-        return a.reshape(o.num_chunks, o.chunk, *a.shape[1:])
+        k = o.examples // o.chunk
+        whole = k * o.chunk
+        data = (self._xs, self._target, weights, self._index)
+        chunks = None
+        if k:
+            chunks = jax.tree.map(lambda a: a[:whole].reshape(k, o.chunk, *a.shape[1:]), data)
+        rest = jax.tree.map(lambda a: a[whole:], data) if whole < o.examples else None
+        return chunks, rest
 
     def _scan(self, term: Callable[..., Any], weighted: bool = True) -> tuple[Any, Any]:
-        """(Σᵢ wᵢ term(...)["sum"], the per-example term(...)["each"] stacked (padded,)):
-        a scan over chunks, the chunk's examples vmapped. Without weights, wᵢ is 1 on
-        every real example."""
+        """(Σᵢ wᵢ term(...)["sum"], the per-example term(...)["each"] stacked (N,)): a scan
+        over chunks, the chunk's examples vmapped. Without weights, wᵢ is 1 on every
+        example."""
         if not self.objective.present:
             single = term([], None, jnp.zeros((), jnp.int32))
             return single["sum"], jax.tree.map(lambda a: a[None], single["each"])
-        weights = self._weights if weighted else (self._weights > 0).astype(self.dtype)
-        xs = [self._chunked(x) for x in self._xs]
-        ys = None if self._target is None else self._chunked(self._target)
-        ws, index = self._chunked(weights), self._chunked(self._index)
-        zero = jax.eval_shape(
-            term, [x[0, 0] for x in xs], None if ys is None else ys[0, 0], index[0, 0]
-        )["sum"]
-        init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
+        weights = self._weights if weighted else jnp.ones_like(self._weights)
 
-        def body(total: Any, chunk: tuple) -> tuple[Any, Any]:
-            xs_c, y_c, w_c, i_c = chunk
+        def chunk_terms(xs_c: Any, y_c: Any, w_c: jax.Array, i_c: jax.Array) -> tuple:
             values = jax.vmap(term)(xs_c, y_c, i_c)
-            total = jax.tree.map(
-                lambda t, v: t + jnp.tensordot(w_c, v, axes=1), total, values["sum"]
-            )
+            total = jax.tree.map(lambda v: jnp.tensordot(w_c, v, axes=1), values["sum"])
             return total, values["each"]
 
-        total, each = lax.scan(body, init, (xs, ys, ws, index))
-        return total, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), each)
+        chunks, rest = self._parts(weights)
+        totals, eaches = [], []
+        if chunks is not None:
+            first = jax.tree.map(lambda a: a[0], chunks)
+            zero = jax.eval_shape(chunk_terms, *first)[0]
+            init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
+
+            def body(total: Any, chunk: tuple) -> tuple[Any, Any]:
+                part, each = chunk_terms(*chunk)
+                return jax.tree.map(jnp.add, total, part), each
+
+            total, each = lax.scan(body, init, chunks)
+            totals.append(total)
+            eaches.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), each))
+        if rest is not None:
+            total, each = chunk_terms(*rest)
+            totals.append(total)
+            eaches.append(each)
+        return (
+            jax.tree.map(lambda *parts: sum(parts[1:], parts[0]), *totals),
+            jax.tree.map(lambda *parts: jnp.concatenate(parts), *eaches),
+        )
 
     def _reduce(self, term: Callable[..., Any]) -> Any:
         """Σᵢ wᵢ term(xsᵢ, yᵢ, indexᵢ) over the data set."""
         total, _ = self._scan(lambda xs, y, i: {"sum": term(xs, y, i), "each": ()})
         return total
 
+    # Whole chunks at once (programs whose value is plain JAX) --------------------------
+    #
+    # Per example, every product ends in a parameter cotangent of p numbers that is then
+    # summed: a chunk of C examples holds C·p of them and runs matrix-vector products.
+    # Differentiating the chunk's model outputs F(θ) = (f(θ, x₁), ..., f(θ, x_C)) as one
+    # function instead gives Σᵢ Jᵢᵀuᵢ from one backward pass of matrix-matrix products,
+    # and J V for the chunk from one forward pass, with nothing of size C·p.
+
+    def _chunks(self, body: Callable[..., Any]) -> Any:
+        """Σ over chunks of body(xs_c, y_c, w_c, i_c), each the weighted sum of a chunk."""
+        if not self.objective.present:
+            return body([], None, self._weights, jnp.zeros((1,), jnp.int32))
+        chunks, rest = self._parts(self._weights)
+        totals = []
+        if chunks is not None:
+            zero = jax.eval_shape(body, *jax.tree.map(lambda a: a[0], chunks))
+            init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
+
+            def step(total: Any, chunk: tuple) -> tuple[Any, None]:
+                return jax.tree.map(jnp.add, total, body(*chunk)), None
+
+            totals.append(lax.scan(step, init, chunks)[0])
+        if rest is not None:
+            totals.append(body(*rest))
+        return jax.tree.map(lambda *parts: sum(parts[1:], parts[0]), *totals)
+
+    def _outputs(self, xs_c: Sequence[jax.Array]) -> Callable[[jax.Array], jax.Array]:
+        """θ ↦ F(θ), the model's outputs at the chunk's examples, (C, *out)."""
+        value = self.prims.value
+        if not self.objective.present:
+            return lambda theta: value(theta, self._inputs([]))[None]
+        return lambda theta: jax.vmap(lambda *x: value(theta, self._inputs(x)))(*xs_c)
+
+    def _terms(self, outputs: jax.Array, y_c: jax.Array | None) -> jax.Array:
+        """ℓᵢ at the chunk's outputs, (C,)."""
+        if self.loss is None:
+            return outputs
+        return jax.vmap(self.loss)(outputs, y_c)
+
+    def _cotangents(self, outputs: jax.Array, y_c: jax.Array | None) -> jax.Array:
+        if self.loss is None:
+            return jnp.ones_like(outputs)
+        return jax.vmap(jax.grad(self.loss))(outputs, y_c)
+
+    def _weighted(self, w_c: jax.Array, u: jax.Array) -> jax.Array:
+        return w_c.reshape(-1, *([1] * (u.ndim - 1))) * u
+
+    def _chunk_gradient(self, xs_c: Any, y_c: Any, w_c: jax.Array, i_c: Any) -> jax.Array:
+        outputs, pullback = jax.vjp(self._outputs(xs_c), self.theta)
+        return pullback(self._weighted(w_c, self._cotangents(outputs, y_c)))[0]
+
+    def _chunk_matvec(
+        self, xs_c: Any, y_c: Any, w_c: jax.Array, i_c: jax.Array, v: jax.Array
+    ) -> jax.Array:
+        model = self._outputs(xs_c)
+        match self.objective.operator:
+            case Operator.HESSIAN_OPERATOR:
+
+                def total(theta: jax.Array) -> jax.Array:
+                    return jnp.dot(w_c, self._terms(model(theta), y_c))
+
+                return jax.jvp(jax.grad(total), (self.theta,), (v,))[1]
+            case Operator.GGN | Operator.FISHER:
+                outputs, jv = jax.jvp(model, (self.theta,), (v,))
+                if self.objective.operator is Operator.GGN:
+                    u = jax.vmap(self._loss_hvp)(outputs, y_c, jv)
+                else:
+                    g = jax.vmap(self._sampled_cotangents)(outputs, i_c)  # (C, S, *out)
+                    axes = tuple(range(2, g.ndim))
+                    coefficients = jnp.sum(g * jv[:, None], axis=axes)  # (C, S)
+                    u = jnp.einsum("cs,cs...->c...", coefficients, g) / g.shape[1]
+                _, pullback = jax.vjp(model, self.theta)
+                return pullback(self._weighted(w_c, u))[0]
+            case Operator.EMPIRICAL_FISHER:
+                # (gᵢ·v) for every example from one forward pass of the terms, then
+                # Σᵢ wᵢ (gᵢ·v) gᵢ from one backward pass.
+                def terms(theta: jax.Array) -> jax.Array:
+                    return self._terms(model(theta), y_c)
+
+                _, gv = jax.jvp(terms, (self.theta,), (v,))
+                _, pullback = jax.vjp(terms, self.theta)
+                return pullback(w_c * gv)[0]
+        raise AssertionError(self.objective.operator)
+
     def value(self) -> jax.Array:
         return self._reduce(lambda xs, y, i: self._term(xs, y))
 
     def gradient(self) -> jax.Array:
+        if self.prims.transformable:
+            return self._chunks(self._chunk_gradient)
         return self._reduce(lambda xs, y, i: self._example_gradient(xs, y))
 
     def matvec(self, v: jax.Array) -> jax.Array:
         """C v: one pass over the data."""
+        if self.prims.transformable:
+            return self._chunks(lambda xs, y, w, i: self._chunk_matvec(xs, y, w, i, v))
         return self._reduce(lambda xs, y, i: self._example_matvec(xs, y, i, v))
 
     def matmat(self, vectors: jax.Array) -> jax.Array:
         """C V for V (p, k): k matvecs in one pass over the data, (p, k)."""
+        if self.prims.transformable:
+            return self._chunks(
+                lambda xs, y, w, i: jax.vmap(
+                    lambda v: self._chunk_matvec(xs, y, w, i, v), in_axes=1, out_axes=1
+                )(vectors)
+            )
         return self._reduce(
             lambda xs, y, i: jax.vmap(
                 lambda v: self._example_matvec(xs, y, i, v), in_axes=1, out_axes=1
@@ -301,7 +412,7 @@ class PointOperator:
         scale = 1 / count if o.reduction is Reduction.MEAN else jnp.ones((), self.dtype)
         return {
             "gradient": sums["g"] * scale,
-            "norms": norms[: o.examples],
+            "norms": norms,
             "variance": jnp.maximum(sums["g2"] / count - mean * mean, 0),
             "sum_of_squares": sums["g2"],
         }
@@ -564,24 +675,37 @@ def chunk_for(
 
 
 def _bytes_per_example(program: Program, wrt: Wrt, objective: Objective) -> int:
-    """An estimate of one example's intermediates in a matvec: the sizes of every value
-    the traced per-example matvec produces (XLA fuses many away; this bounds them)."""
+    """An estimate of what one example adds to a pass over a chunk: the values of the model
+    at one example that depend on the example (weights and their slices are shared by the
+    chunk and not counted), about three times over for the forward pass, its tangents and
+    its cotangents. A program that runs per example (JAX export) also holds a parameter
+    cotangent of p numbers per example."""
     prims = program.primitives(wrt)
     p = sum(math.prod(program.inputs[i].shape) for i in wrt.indices)
     dtype = program.output_dtype
     avals = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in program.inputs]
+
+    def model(*xs: jax.Array) -> jax.Array:
+        return prims.value(jnp.concatenate([xs[i].reshape(-1) for i in wrt.indices]), xs)
+
     try:
-        jaxpr = jax.make_jaxpr(lambda *xs: prims.value(
-            jnp.concatenate([xs[i].reshape(-1) for i in wrt.indices]), xs))(*avals)  # fmt: skip
+        closed = jax.make_jaxpr(model)(*avals)
     except Exception:  # an estimate only: the request's own trace reports the error
         return 8 * p
-    total = sum(
-        math.prod(getattr(v.aval, "shape", ())) * np.dtype(getattr(v.aval, "dtype", dtype)).itemsize
-        for eqn in jaxpr.jaxpr.eqns
-        for v in eqn.outvars
-    )
-    # A matvec holds the forward pass, its tangents and cotangents: about 4x the values.
-    return max(4 * total + 4 * p * dtype.itemsize, 1)
+    jaxpr = closed.jaxpr
+    tainted = {jaxpr.invars[i] for i in objective.data}
+    total = 0
+    for eqn in jaxpr.eqns:
+        if any(v in tainted for v in eqn.invars if isinstance(v, jax.extend.core.Var)):
+            for v in eqn.outvars:
+                tainted.add(v)
+                aval = v.aval
+                size = math.prod(getattr(aval, "shape", ()))
+                total += size * np.dtype(getattr(aval, "dtype", dtype)).itemsize
+    per_example = 3 * max(total, dtype.itemsize)
+    if not prims.transformable:
+        per_example += 4 * p * dtype.itemsize
+    return per_example
 
 
 def device_memory_bytes() -> int:

@@ -55,7 +55,7 @@ class ObjectiveOptions:
 @dataclasses.dataclass(frozen=True)
 class DataSet:
     """An Objective and the arrays that follow the point arguments (data, target,
-    weights), padded to whole chunks; `names` are the program inputs the data replaces."""
+    weights); `names` are the program inputs the data replaces."""
 
     objective: Objective
     arrays: list[np.ndarray]
@@ -191,9 +191,10 @@ def make_objective(
         program, wrt, objective, columns, budget, options.chunk_size, device_bytes
     )
     objective = dataclasses.replace(objective, chunk=chunk)
-    padded = [_pad(a, objective.padded) for a in arrays]
-    padded.append(objective.weights(program.output_dtype))
-    return DataSet(objective, padded, frozenset(names))
+    # The arrays as sent (resident ones included): no copy. The scan takes whole chunks and
+    # then the N mod chunk examples left as one more step.
+    arrays.append(objective.weights(program.output_dtype))
+    return DataSet(objective, arrays, frozenset(names))
 
 
 def _check_target(
@@ -261,13 +262,6 @@ def _exact_cast(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
             f"dtype; send it as {dtype.name}"
         )
     return cast
-
-
-def _pad(array: np.ndarray, size: int) -> np.ndarray:
-    if array.shape[0] == size:
-        return array
-    # Copies of the last example, weighted 0: real values keep the padding clear of nan.
-    return np.concatenate([array, np.repeat(array[-1:], size - array.shape[0], axis=0)])
 
 
 def make_curvature_request(

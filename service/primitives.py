@@ -47,6 +47,9 @@ class Primitives:
     vjp: Callable[[jax.Array, Inputs, jax.Array], jax.Array]
     jvp: Callable[[jax.Array, Inputs, jax.Array], jax.Array]
     hvp: Callable[[jax.Array, Inputs, jax.Array, jax.Array], jax.Array]
+    # Whether `value` is plain JAX, so that every transform applies to it vmapped over a
+    # chunk of examples (θ shared): one batched pass per chunk instead of one per example.
+    transformable: bool = False
 
 
 def _flat(wrt: Wrt) -> Wrt:
@@ -71,7 +74,7 @@ def from_point(program: Program, wrt: Wrt, fn: Callable[..., jax.Array]) -> Prim
         # Forward over reverse: one JVP of the VJP.
         return jax.jvp(lambda t: vjp(t, inputs, u), (theta,), (v,))[1]
 
-    return Primitives(value=value, vjp=vjp, jvp=jvp, hvp=hvp)
+    return Primitives(value=value, vjp=vjp, jvp=jvp, hvp=hvp, transformable=True)
 
 
 def from_batched(program: Program, wrt: Wrt, batched_fn: Callable[..., jax.Array]) -> Primitives:

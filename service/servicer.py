@@ -437,7 +437,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         columns: int,
         data: dict[str, memoryview] | None = None,
     ) -> objective.DataSet | None:
-        """The request's objective, checked and padded; None without one."""
+        """The request's objective, checked; None without one."""
         if not request.HasField("objective"):
             return None
         message = request.objective
