@@ -470,7 +470,7 @@ def xla_temp_bytes(f: Function, examples: int, chunk: int) -> int:
     request = CurvatureRequest(
         kind=Kind.HVP, wrt=program.wrt(["w"], flatten=True), shared=(2, 3, 4), objective=objective
     )
-    padded, dtype = objective.padded, jnp.dtype(f.dtype)
+    padded, dtype = objective.examples, jnp.dtype(f.dtype)  # the data as sent, unpadded
     avals = [
         jax.ShapeDtypeStruct((1, p), dtype),
         jax.ShapeDtypeStruct((1, p), dtype),

@@ -225,15 +225,22 @@ class PointOperator:
 
     def _parts(self, weights: jax.Array) -> tuple[Any, Any]:
         """The data, target, weights and example indices as (whole chunks, remainder): the
-        first (num_chunks, chunk, ...) for the scan, the rest (N mod chunk, ...) for one
-        more step, or None where there is none. Slices of the arrays as sent: no padding."""
+        first (num_chunks, chunk(j) → the j-th chunk) for the scan, the rest (N mod chunk,
+        ...) for one more step, or None where there is none. No padding, no copy."""
         o = self.objective
         k = o.examples // o.chunk
         whole = k * o.chunk
         data = (self._xs, self._target, weights, self._index)
         chunks = None
         if k:
-            chunks = jax.tree.map(lambda a: a[:whole].reshape(k, o.chunk, *a.shape[1:]), data)
+            # Dynamic slices of the arrays as they are, chunk by chunk: a static slice of
+            # the whole part (when N is no multiple of the chunk) would copy the data set.
+            def chunk(j: jax.Array) -> Any:
+                return jax.tree.map(
+                    lambda a: lax.dynamic_slice_in_dim(a, j * o.chunk, o.chunk), data
+                )
+
+            chunks = (k, chunk)
         rest = jax.tree.map(lambda a: a[whole:], data) if whole < o.examples else None
         return chunks, rest
 
@@ -254,15 +261,15 @@ class PointOperator:
         chunks, rest = self._parts(weights)
         totals, eaches = [], []
         if chunks is not None:
-            first = jax.tree.map(lambda a: a[0], chunks)
-            zero = jax.eval_shape(chunk_terms, *first)[0]
+            k, chunk = chunks
+            zero = jax.eval_shape(lambda: chunk_terms(*chunk(jnp.zeros((), jnp.int32))))[0]
             init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
 
-            def body(total: Any, chunk: tuple) -> tuple[Any, Any]:
-                part, each = chunk_terms(*chunk)
+            def body(total: Any, j: jax.Array) -> tuple[Any, Any]:
+                part, each = chunk_terms(*chunk(j))
                 return jax.tree.map(jnp.add, total, part), each
 
-            total, each = lax.scan(body, init, chunks)
+            total, each = lax.scan(body, init, jnp.arange(k))
             totals.append(total)
             eaches.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), each))
         if rest is not None:
@@ -294,13 +301,14 @@ class PointOperator:
         chunks, rest = self._parts(self._weights)
         totals = []
         if chunks is not None:
-            zero = jax.eval_shape(body, *jax.tree.map(lambda a: a[0], chunks))
+            k, chunk = chunks
+            zero = jax.eval_shape(lambda: body(*chunk(jnp.zeros((), jnp.int32))))
             init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
 
-            def step(total: Any, chunk: tuple) -> tuple[Any, None]:
-                return jax.tree.map(jnp.add, total, body(*chunk)), None
+            def step(total: Any, j: jax.Array) -> tuple[Any, None]:
+                return jax.tree.map(jnp.add, total, body(*chunk(j))), None
 
-            totals.append(lax.scan(step, init, chunks)[0])
+            totals.append(lax.scan(step, init, jnp.arange(k))[0])
         if rest is not None:
             totals.append(body(*rest))
         return jax.tree.map(lambda *parts: sum(parts[1:], parts[0]), *totals)
