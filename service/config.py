@@ -93,6 +93,17 @@ class ServerConfig:
         "close client connections after this many seconds (graceful), so that clients "
         "balancing over dns:/// resolve again and find new replicas",
     )
+    compile_isolation_lines: int = _field(
+        2000,
+        "programs of at least this many lines of StableHLO compile first in a supervised "
+        "child process (needs --compile-cache-dir); 0: never",
+    )
+    max_compile_seconds: float = _field(
+        300.0, "a supervised compile taking longer is killed: RESOURCE_EXHAUSTED"
+    )
+    max_compile_bytes: int = _field(
+        0, "address space of a supervised compile; 0: a quarter of the machine's memory"
+    )
     compile_cache_dir: str | None = _field(
         None, "JAX persistent compilation cache directory; empty turns it off"
     )

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from hessd.service.errors import Cancelled, ResourceExhausted
 
 if TYPE_CHECKING:
+    from hessd.service.compile_guard import CompileGuard
     from hessd.service.program import Program
 
 __all__ = ["Engine", "EngineRequest", "EngineStats", "Output", "bucket_for"]
@@ -109,7 +110,12 @@ class Engine:
     """
 
     def __init__(
-        self, *, max_bucket: int = 1024, cache_size: int = 256, devices: Sequence | None = None
+        self,
+        *,
+        max_bucket: int = 1024,
+        cache_size: int = 256,
+        devices: Sequence | None = None,
+        guard: CompileGuard | None = None,
     ):
         if max_bucket < 1 or max_bucket & (max_bucket - 1):
             raise ValueError(f"max_bucket must be a power of two, got {max_bucket}")
@@ -124,6 +130,7 @@ class Engine:
         self._mesh = Mesh(np.array(self.devices), ("batch",)) if n > 1 else None
         self.max_bucket = max(max_bucket, n)
         self.cache_size = cache_size
+        self.guard = guard
         self.stats = EngineStats()
         self._cache: collections.OrderedDict[tuple, jax.stages.Compiled] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -288,13 +295,26 @@ class Engine:
         with warnings.catch_warnings():
             # Constant folding may overflow to inf; that is the value, not news (program.py).
             warnings.simplefilter("ignore", RuntimeWarning)
-            executable = jitted.lower(*avals).compile()
+            lowered = jitted.lower(*avals)
+            supervised = 0.0
+            if self.guard is not None:
+                # Large modules compile first in a supervised child (compile_guard.py);
+                # this compile then loads its result from the persistent cache.
+                lines = lowered.as_text().count("\n")
+                supervised = self.guard.check(program, request, signature, bucket, lines)
+            executable = lowered.compile()
         seconds = time.perf_counter() - start
         with self._lock:
             self.stats.compiles += 1
             self.stats.compile_seconds += seconds
-        logger.info(
-            "compiled %s %s bucket=%d in %.3f s",
-            program.function_id[:12], request.label, bucket, seconds,
-        )  # fmt: skip
+        if supervised:
+            logger.info(
+                "compiled %s %s bucket=%d in %.3f s (%.3f s of it in a supervised child)",
+                program.function_id[:12], request.label, bucket, seconds, supervised,
+            )  # fmt: skip
+        else:
+            logger.info(
+                "compiled %s %s bucket=%d in %.3f s",
+                program.function_id[:12], request.label, bucket, seconds,
+            )  # fmt: skip
         return executable

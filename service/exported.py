@@ -135,6 +135,7 @@ def build_program(spec: hessd_pb2.FunctionSpec, allow: bool) -> ExportProgram:
         output_shape=tuple(int(d) for d in out.shape[1:]),
         output_dtype=np.dtype(out.dtype),
         batched_fn=artifact.call,
+        spec=spec.SerializeToString(),
     )
 
 

@@ -61,6 +61,8 @@ class Program(abc.ABC):
     inputs: tuple[InputSignature, ...]
     output_shape: tuple[int, ...]
     output_dtype: np.dtype
+    # The serialised spec, so that a supervised compile (compile_guard.py) can rebuild it.
+    spec: bytes = dataclasses.field(default=b"", kw_only=True, repr=False)
 
     def indices(self, names: Sequence[str], what: str) -> tuple[int, ...]:
         """Positions of the inputs called `names`; InvalidArgument for unknown or repeated."""
@@ -163,6 +165,7 @@ def build_program(
         output_shape=tuple(out.shape),
         output_dtype=np.dtype(out.dtype),
         fn=fn,
+        spec=spec.SerializeToString(),
     )
 
 

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service import oip
 from hessd.service.batcher import Batcher
+from hessd.service.compile_guard import CompileGuard
 from hessd.service.config import ServerConfig
 from hessd.service.engine import Engine
 from hessd.service.expression import ExpressionLimits
@@ -46,7 +47,19 @@ class HessdServer:
         self._draining = threading.Event()
         self.tokens = tokens if tokens is not None else Tokens.load(config.tokens_file)
         self.metrics = Metrics()
-        engine = Engine(max_bucket=config.max_batch_bucket, cache_size=config.executable_cache_size)
+        guard = None
+        if config.compile_cache_dir and config.compile_isolation_lines:
+            guard = CompileGuard(
+                cache_dir=config.compile_cache_dir,
+                min_lines=config.compile_isolation_lines,
+                max_seconds=config.max_compile_seconds,
+                max_bytes=config.max_compile_bytes or _machine_memory() // 4,
+            )
+        engine = Engine(
+            max_bucket=config.max_batch_bucket,
+            cache_size=config.executable_cache_size,
+            guard=guard,
+        )
         batcher = Batcher(
             engine,
             max_size=config.batch_max_size,

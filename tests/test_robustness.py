@@ -338,3 +338,55 @@ def test_idle_stream_is_cancelled_and_others_are_served():
     finally:
         release.set()
         server.stop(None)
+
+
+def _chain(bindings: int) -> str:
+    """The Hessian of this chain compiles in time growing much faster than its text."""
+    lines = ["y0 = x"]
+    lines += [f"y{i} = tanh(y{i - 1} @ W) + sin(y{i - 1})" for i in range(1, bindings + 1)]
+    return "\n".join([*lines, f"sum(y{bindings})"])
+
+
+def test_compile_bomb_is_refused_and_the_server_survives(tmp_path):
+    """Modules over --compile-isolation-lines compile first in a supervised child: one
+    that compiles is then loaded from the persistent cache, one past
+    --max-compile-seconds is RESOURCE_EXHAUSTED, and the server keeps serving."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "hessd.tools.cli", "serve", "--port", str(port),
+            "--compile-cache-dir", str(tmp_path), "--compile-isolation-lines", "500",
+            "--max-compile-seconds", "4"]  # fmt: skip
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    reader = threading.Thread()
+    try:
+        for line in proc.stderr:
+            if "listening on" in line:
+                break
+        reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
+        reader.start()
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            inputs = {"x": (16,), "W": (16, 16)}
+            points = {"x": np.full((1, 16), 0.1), "W": 0.1 * np.eye(16)[None]}
+            small = client.register(_chain(8), inputs, dtype="float64")  # ~540 lines
+            hessian = client.hessian(small, points)
+            np.testing.assert_allclose(hessian[0], hessian[0].T, atol=1e-12)
+            bomb = client.register(_chain(25), inputs, dtype="float64")  # ~1,700 lines, 20 s
+            start = time.monotonic()
+            with pytest.raises(ResourceExhausted, match="--max-compile-seconds"):
+                client.hessian(bomb, points)
+            assert time.monotonic() - start < 15
+            assert client.value(bomb, points).shape == (1,)  # small kinds still compile
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if reader.ident is not None:
+            reader.join(timeout=10)
+        proc.stderr.close()
+    assert any("supervised child" in line for line in log), log
