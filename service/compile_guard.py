@@ -16,6 +16,7 @@ call is answered RESOURCE_EXHAUSTED; the server never sees the compile.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
 import resource
 import subprocess
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from hessd.service.program import Program
 
 __all__ = ["CompileGuard"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,7 @@ class CompileGuard:
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["-"]
+            logger.warning("supervised compile exited %d: %s", done.returncode, tail[0][:500])
             memory = "MemoryError" in tail[0] or "bad_alloc" in tail[0] or done.returncode < 0
             reason = (
                 f"needed more than this server's {self.max_bytes} bytes (--max-compile-bytes)"

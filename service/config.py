@@ -102,7 +102,9 @@ class ServerConfig:
         300.0, "a supervised compile taking longer is killed: RESOURCE_EXHAUSTED"
     )
     max_compile_bytes: int = _field(
-        0, "address space of a supervised compile; 0: a quarter of the machine's memory"
+        0,
+        "address space of a supervised compile; 0: the machine's memory (XLA reserves far "
+        "more address space than it touches, so a tight bound kills sound compiles)",
     )
     compile_cache_dir: str | None = _field(
         None, "JAX persistent compilation cache directory; empty turns it off"

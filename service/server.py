@@ -53,7 +53,7 @@ class HessdServer:
                 cache_dir=config.compile_cache_dir,
                 min_lines=config.compile_isolation_lines,
                 max_seconds=config.max_compile_seconds,
-                max_bytes=config.max_compile_bytes or _machine_memory() // 4,
+                max_bytes=config.max_compile_bytes or _machine_memory(),
             )
         engine = Engine(
             max_bucket=config.max_batch_bucket,
