@@ -60,6 +60,11 @@ class ServerConfig:
         "bound on every call, client deadline or not: work stops between chunks of points "
         "after this (DEADLINE_EXCEEDED); 0: no bound",
     )
+    max_inflight_bytes: int = _field(
+        0,
+        "bytes of arguments and results all calls computing may hold together; a call that "
+        "would pass it is RESOURCE_EXHAUSTED; 0: half the machine's memory",
+    )
     max_resident_bytes: int = _field(
         4 << 30, "bytes of resident tensors (Put) kept, least recently used evicted first"
     )

@@ -12,6 +12,7 @@ import functools
 import importlib.metadata
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -190,6 +191,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         # Streams may take at most half the worker threads (at least one), so that idle or
         # slow uploads can never starve unary calls and health checks of a thread.
         self._stream_slots = threading.BoundedSemaphore(max(1, config.workers // 2))
+        self._inflight_budget = config.max_inflight_bytes or _machine_memory() // 2
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
 
     @contextlib.contextmanager
     def _stream_slot(self) -> Iterator[None]:
@@ -600,6 +604,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         # Coalesced with concurrent calls of the same computation; a caller that has gone
         # (cancelled, deadline passed, or past --max-call-seconds) is dropped before compute
         # and between chunks of points.
+        held = self._admit(sum(a.nbytes for a in args) + nbytes)
         try:
             result = self.batcher.run(program, task, args, is_active=is_active)
         except Cancelled:
@@ -609,8 +614,35 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                     "(--max-call-seconds); send fewer points per call"
                 ) from None
             raise
+        finally:
+            self._release(held)
         self.metrics.compute.labels(task.label).observe(time.perf_counter() - start)
         return result
+
+    def _admit(self, need: int) -> int:
+        """Hold `need` bytes of the in-flight budget (--max-inflight-bytes: requests and
+        results of every call computing), or refuse the call: RESOURCE_EXHAUSTED."""
+        budget = self._inflight_budget
+        with self._inflight_lock:
+            if need > budget or self._inflight + need > budget:
+                in_flight = self._inflight
+            else:
+                self._inflight += need
+                return need
+        if need > budget:
+            raise ResourceExhausted(
+                f"this call holds {need} bytes of arguments and results, over this server's "
+                f"budget of {budget} bytes for all calls in flight (--max-inflight-bytes); "
+                "send fewer points per call"
+            )
+        raise ResourceExhausted(
+            f"this call needs {need} bytes and {in_flight} of this server's {budget} bytes "
+            "for calls in flight (--max-inflight-bytes) are taken; retry shortly"
+        )
+
+    def _release(self, held: int) -> None:
+        with self._inflight_lock:
+            self._inflight -= held
 
     @_rpc
     def Put(
@@ -737,6 +769,10 @@ _NOT_SPARSE_OPTIONS = (
     "packed", "order", "diagonal_estimator", "num_matvecs", "seed", "damping", "tolerance",
     "max_iterations",
 )  # fmt: skip
+
+
+def _machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _enum(enum_type: type[E], value: int, name: str) -> E:

@@ -390,3 +390,26 @@ def test_compile_bomb_is_refused_and_the_server_survives(tmp_path):
             reader.join(timeout=10)
         proc.stderr.close()
     assert any("supervised child" in line for line in log), log
+
+
+def test_bytes_in_flight_are_bounded():
+    """A global budget of argument and result bytes over every call computing: one call
+    over it, or one that would pass it beside another in flight, is RESOURCE_EXHAUSTED."""
+    server, port = create_server(ServerConfig(port=0, workers=4, max_inflight_bytes=400_000))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            f = client.register("sum(tanh(x)**2)", {"x": (100,)}, dtype="float64")
+            assert client.gradient(f, np.ones((100, 100))).shape == (100, 100)  # 160 kB
+            with pytest.raises(ResourceExhausted, match="--max-inflight-bytes"):
+                client.gradient(f, np.ones((300, 100)))  # 480 kB alone
+            servicer = server.servicer
+            held = servicer._admit(300_000)  # another call's bytes, in flight
+            try:
+                with pytest.raises(ResourceExhausted, match="retry shortly"):
+                    client.gradient(f, np.ones((100, 100)))
+            finally:
+                servicer._release(held)
+            assert client.gradient(f, np.ones((100, 100))).shape == (100, 100)
+    finally:
+        server.stop(None)
