@@ -384,8 +384,14 @@ def test_compile_bomb_is_refused_and_the_server_survives(tmp_path):
             assert time.monotonic() - start < 15
             assert client.value(bomb, points).shape == (1,)  # small kinds still compile
     finally:
+        # How it stops is test_production's business; here it is only ended (once, in a
+        # loaded CI run, SIGTERM took over 30 s after this test: under investigation).
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         if reader.ident is not None:
             reader.join(timeout=10)
         proc.stderr.close()
