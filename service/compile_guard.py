@@ -59,8 +59,8 @@ class CompileGuard:
         if lines < self.min_lines or not program.spec:
             return 0.0
         payload = pickle.dumps(
-            (program.spec, type(program).__name__, request, list(signature), bucket,
-             self.cache_dir)
+            (self.max_bytes, program.spec, type(program).__name__, request, list(signature),
+             bucket, self.cache_dir)
         )  # fmt: skip
         start = time.perf_counter()
         what = f"compiling this program ({lines} lines of StableHLO, {request.label})"
@@ -74,7 +74,6 @@ class CompileGuard:
                 input=payload,
                 capture_output=True,
                 timeout=self.max_seconds,
-                preexec_fn=self._limit,
                 check=False,
             )
         except subprocess.TimeoutExpired:
@@ -95,14 +94,16 @@ class CompileGuard:
             raise ResourceExhausted(f"{what} {reason}; {advice}")
         return seconds
 
-    def _limit(self) -> None:
-        """In the child, before it starts: its address space is bounded."""
-        resource.setrlimit(resource.RLIMIT_AS, (self.max_bytes, self.max_bytes))
-
 
 def _child() -> None:
     """Compile the payload on stdin with the server's own code into the persistent cache."""
-    spec_bytes, kind, request, signature, bucket, cache_dir = pickle.load(sys.stdin.buffer)
+    max_bytes, spec_bytes, kind, request, signature, bucket, cache_dir = pickle.load(
+        sys.stdin.buffer
+    )
+    # The child bounds itself, first thing: a preexec_fn would run between fork and exec
+    # in a server full of threads, which Python documents as unsafe (and which crashed the
+    # child now and then here).
+    resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
     import jax
 
     from hessd.proto.v1 import hessd_pb2
