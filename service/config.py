@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import TypeVar
 
 __all__ = ["ServerConfig"]
@@ -114,3 +115,8 @@ class ServerConfig:
     compile_cache_dir: str | None = _field(
         None, "JAX persistent compilation cache directory; empty turns it off"
     )
+
+
+def machine_memory() -> int:
+    """The machine's physical memory in bytes: what the memory defaults derive from."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

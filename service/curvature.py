@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +46,7 @@ from hessd.proto.kinds import (
     curvature_shapes,
 )
 from hessd.service import spectral
+from hessd.service.config import machine_memory
 from hessd.service.engine import EngineRequest
 from hessd.service.errors import InvalidArgument, ResourceExhausted
 from hessd.service.primitives import Primitives
@@ -721,7 +721,7 @@ def device_memory_bytes() -> int:
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return machine_memory()
 
 
 def device_budget() -> int:

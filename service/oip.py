@@ -28,7 +28,7 @@ from hessd.proto.oip import grpc_predict_v2_pb2 as oip_pb2
 from hessd.proto.v1 import hessd_pb2
 from hessd.service.errors import InvalidArgument, NotFound, ServiceError
 from hessd.service.program import Program
-from hessd.service.servicer import HessdServicer, bounded
+from hessd.service.servicer import HessdServicer, bounded, failure_status
 
 __all__ = ["DATATYPES", "KINDS", "SERVICE_NAME", "OipServicer"]
 
@@ -122,18 +122,8 @@ def _rpc(
         status, message = grpc.StatusCode.OK, ""
         try:
             return method(self, request, context)
-        except ServiceError as e:
-            status, message = e.code, e.message
         except Exception as e:
-            if not context.is_active():
-                logger.info("%s: the client left (%s)", name, type(e).__name__)
-                status, message = grpc.StatusCode.CANCELLED, "the client cancelled the call"
-            else:
-                logger.exception("%s failed", name)
-                status, message = (
-                    grpc.StatusCode.INTERNAL,
-                    "internal error in hessd; see server log",
-                )
+            status, message = failure_status(name, e, context)
         finally:
             self.hessd._record(
                 name, _summary(request), context, status, time.perf_counter() - start

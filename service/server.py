@@ -4,7 +4,6 @@ reflection, metrics and graceful shutdown."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from concurrent import futures
 
@@ -17,7 +16,7 @@ from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service import oip
 from hessd.service.batcher import Batcher
 from hessd.service.compile_guard import CompileGuard
-from hessd.service.config import ServerConfig
+from hessd.service.config import ServerConfig, machine_memory
 from hessd.service.engine import Engine
 from hessd.service.expression import ExpressionLimits
 from hessd.service.metrics import Metrics
@@ -53,7 +52,7 @@ class HessdServer:
                 cache_dir=config.compile_cache_dir,
                 min_lines=config.compile_isolation_lines,
                 max_seconds=config.max_compile_seconds,
-                max_bytes=config.max_compile_bytes or _machine_memory(),
+                max_bytes=config.max_compile_bytes or machine_memory(),
             )
         engine = Engine(
             max_bucket=config.max_batch_bucket,
@@ -71,7 +70,7 @@ class HessdServer:
             config.max_functions,
             ExpressionLimits(max_chars=config.max_expression_chars),
             allow_jax_export=config.allow_jax_export,
-            max_bytes=config.max_function_bytes or _machine_memory() // 16,
+            max_bytes=config.max_function_bytes or machine_memory() // 16,
         )
         resident = ResidentStore(config.max_resident_bytes)
         self.metrics.watch(engine, functions, batcher, resident)
@@ -141,10 +140,6 @@ class HessdServer:
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
-
-
-def _machine_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def enable_x64() -> None:

@@ -12,7 +12,6 @@ import functools
 import importlib.metadata
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -38,7 +37,7 @@ from hessd.proto.kinds import (
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service import analysis, curvature, kinds, objective, sparse
 from hessd.service.batcher import Batcher
-from hessd.service.config import ServerConfig
+from hessd.service.config import ServerConfig, machine_memory
 from hessd.service.engine import Engine, EngineRequest, Output
 from hessd.service.errors import (
     Cancelled,
@@ -90,20 +89,8 @@ def _rpc(
         status, message = grpc.StatusCode.OK, ""
         try:
             return method(self, request, context)
-        except ServiceError as e:
-            status, message = e.code, e.message
         except Exception as e:
-            if not context.is_active():
-                # The client went away (cancelled a stream, or its deadline passed) while we
-                # read from or wrote to it: not a bug, and nobody is left to answer.
-                logger.info("%s: the client left (%s)", name, type(e).__name__)
-                status, message = grpc.StatusCode.CANCELLED, "the client cancelled the call"
-            else:
-                logger.exception("%s failed", name)
-                status, message = (
-                    grpc.StatusCode.INTERNAL,
-                    "internal error in hessd; see server log",
-                )
+            status, message = failure_status(name, e, context)
         finally:
             self._record(name, request, context, status, time.perf_counter() - start)
         _abort(context, status, message)
@@ -157,6 +144,22 @@ def bounded(message: str) -> str:
     return cut + "…"
 
 
+def failure_status(
+    name: str, error: Exception, context: grpc.ServicerContext
+) -> tuple[grpc.StatusCode, str]:
+    """The status a call that raised `error` is answered with: a ServiceError's own; for
+    anything else INTERNAL (logged with its traceback), unless the client has gone."""
+    if isinstance(error, ServiceError):
+        return error.code, error.message
+    if not context.is_active():
+        # The client went away (cancelled a stream, or its deadline passed) while we read
+        # from or wrote to it: not a bug, and nobody is left to answer.
+        logger.info("%s: the client left (%s)", name, type(error).__name__)
+        return grpc.StatusCode.CANCELLED, "the client cancelled the call"
+    logger.exception("%s failed", name)
+    return grpc.StatusCode.INTERNAL, "internal error in hessd; see server log"
+
+
 def _abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str) -> NoReturn:
     """context.abort with the message bounded; it always raises (grpc ships no types that
     say so)."""
@@ -191,7 +194,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         # Streams may take at most half the worker threads (at least one), so that idle or
         # slow uploads can never starve unary calls and health checks of a thread.
         self._stream_slots = threading.BoundedSemaphore(max(1, config.workers // 2))
-        self._inflight_budget = config.max_inflight_bytes or _machine_memory() // 2
+        self._inflight_budget = config.max_inflight_bytes or machine_memory() // 2
         self._inflight = 0
         self._inflight_lock = threading.Lock()
 
@@ -769,10 +772,6 @@ _NOT_SPARSE_OPTIONS = (
     "packed", "order", "diagonal_estimator", "num_matvecs", "seed", "damping", "tolerance",
     "max_iterations",
 )  # fmt: skip
-
-
-def _machine_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _enum(enum_type: type[E], value: int, name: str) -> E:
