@@ -16,7 +16,7 @@ import numpy as np
 from hessd.proto import codec
 from hessd.proto.v1 import hessd_pb2
 
-__all__ = ["CHUNK_BYTES", "Header", "receive", "send", "tensors"]
+__all__ = ["CHUNK_BYTES", "Header", "Receiver", "receive", "send", "tensors"]
 
 # gRPC Python moves ~1 MiB messages about 4x faster than one large message (measured in
 # benchmarks/throughput.py; README, Benchmarks).
@@ -98,29 +98,36 @@ def receive(
     allocating); TensorError for one that does not start with `field` or carries more or
     fewer bytes than declared.
     """
-    stream = iter(messages)
-    first = next(stream, None)
-    if first is None or first.WhichOneof("part") != field:
-        raise codec.TensorError(f"a stream must start with its header, {field}")
-    header = getattr(first, field)
-    named = tensors(header)
-    sizes = [codec.nbytes(tensor, what) for what, tensor in named]
-    if sum(sizes) > max_bytes:
-        raise codec.LimitExceeded(
-            f"the stream declares {sum(sizes)} bytes of tensors, over the limit of {max_bytes}"
-        )
-    for what, tensor in named:
-        if tensor.data:
-            raise codec.TensorError(f"{what} carries data in the header of a stream")
-    # np.empty, not bytearray: zero-filling 128 MiB alone cost 66 ms (benchmarks/throughput.py).
-    buffers = [np.empty(size, np.uint8) for size in sizes]
-    index, offset = 0, 0
-    for message in stream:
+    receiver = Receiver(field, max_bytes)
+    for message in messages:
+        receiver.feed(message)
+    return receiver.finish()
+
+
+class Receiver:
+    """`receive` one message at a time, for a reader that awaits each (the server's event
+    loop): feed() every message as it comes, then finish(). Raises as `receive` does, at
+    the message that breaks the rule."""
+
+    def __init__(self, field: str, max_bytes: int):
+        self.field, self.max_bytes = field, max_bytes
+        self.header: Header | None = None
+        self._named: list[tuple[str, hessd_pb2.Tensor]] = []
+        self._sizes: list[int] = []
+        self._buffers: list[np.ndarray] = []
+        self._index = self._offset = 0
+
+    def feed(self, message: hessd_pb2.StreamMessage) -> None:
+        if self.header is None:
+            self._start(message)
+            return
         if message.WhichOneof("part") not in ("data", None):
             raise codec.TensorError(
                 f"a stream carries one header, first; this one sent {message.WhichOneof('part')} "
                 "again after it"
             )
+        sizes, buffers = self._sizes, self._buffers
+        index, offset = self._index, self._offset
         chunk = memoryview(message.data)
         while chunk:
             while index < len(buffers) and offset == sizes[index]:
@@ -131,8 +138,33 @@ def receive(
             buffers[index][offset : offset + take] = chunk[:take]
             offset += take
             chunk = chunk[take:]
-    while index < len(buffers) and offset == sizes[index]:
-        index, offset = index + 1, 0
-    if index != len(buffers):
-        raise codec.TensorError(f"the stream ended inside {named[index][0]}")
-    return header, [memoryview(b.data) for b in buffers]
+        self._index, self._offset = index, offset
+
+    def _start(self, first: hessd_pb2.StreamMessage) -> None:
+        if first.WhichOneof("part") != self.field:
+            raise codec.TensorError(f"a stream must start with its header, {self.field}")
+        header = getattr(first, self.field)
+        named = tensors(header)
+        sizes = [codec.nbytes(tensor, what) for what, tensor in named]
+        if sum(sizes) > self.max_bytes:
+            raise codec.LimitExceeded(
+                f"the stream declares {sum(sizes)} bytes of tensors, over the limit of "
+                f"{self.max_bytes}"
+            )
+        for what, tensor in named:
+            if tensor.data:
+                raise codec.TensorError(f"{what} carries data in the header of a stream")
+        # np.empty, not bytearray: zero-filling 128 MiB alone cost 66 ms (benchmarks/throughput.py).
+        self._buffers = [np.empty(size, np.uint8) for size in sizes]
+        self.header, self._named, self._sizes = header, named, sizes
+
+    def finish(self) -> tuple[Header, list[memoryview]]:
+        """The header and the buffers, once the stream has ended."""
+        if self.header is None:
+            raise codec.TensorError(f"a stream must start with its header, {self.field}")
+        index, offset, sizes = self._index, self._offset, self._sizes
+        while index < len(sizes) and offset == sizes[index]:
+            index, offset = index + 1, 0
+        if index != len(sizes):
+            raise codec.TensorError(f"the stream ended inside {self._named[index][0]}")
+        return self.header, [memoryview(b.data) for b in self._buffers]

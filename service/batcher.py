@@ -17,15 +17,24 @@ first. An idle key departs at once: a lone caller pays no delay. The leader then
 batch, drops the callers that have gone (cancelled or past their deadline), concatenates the
 rest, calls the engine once and hands each caller its own rows. The others (followers) block
 until the leader has answered them. Every caller of a batch sees that call's exception.
+
+`run_async` is the same batching for callers on one asyncio event loop (the server's fast
+path): a batch is a list of futures, it departs on the loop's next turn when its key is idle
+(so that the calls one poll of the transport delivers share it), when a batch of its key
+finishes computing, when it is full, or after max_delay_s; its engine call runs on an
+executor, and the loop thread never blocks. Both share the limits and the statistics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -67,6 +76,27 @@ class _Caller:
     result: Output | None = None
     error: BaseException | None = None
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+@dataclasses.dataclass(eq=False)
+class _Waiter:
+    """One call of Batcher.run_async in a batch: its answer is `future`'s."""
+
+    args: Sequence[np.ndarray]
+    points: int
+    is_active: Callable[[], bool]
+    future: asyncio.Future
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+@dataclasses.dataclass(eq=False)
+class _Gathering:
+    """Waiters of one key gathered on the event loop for one engine call."""
+
+    waiters: list[_Waiter]
+    points: int
+    timer: asyncio.Handle | None = None
+    departed: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -123,6 +153,9 @@ class Batcher:
         # Called with each batched caller's wait, in seconds, as its batch starts (metrics).
         self.observe_queue = observe_queue
         self._queued = 0
+        # run_async's state, touched on the event loop's thread only.
+        self._gathering: dict[tuple, _Gathering] = {}
+        self._computing_async: dict[tuple, int] = {}
 
     @property
     def queued(self) -> int:
@@ -157,11 +190,7 @@ class Batcher:
         with self._lock:
             if self._queued + points > self.max_queue:
                 self.stats.rejected += 1
-                raise ResourceExhausted(
-                    f"the batching queue is full: {self._queued} points are waiting or "
-                    f"computing and this request adds {points}, over this server's limit of "
-                    f"{self.max_queue} points (--batch-max-queue); retry with backoff"
-                )
+                raise self._queue_full(points)
             self._queued += points
             batch = self._open.get(key)
             leader = batch is None or batch.points + points > self.max_size
@@ -188,6 +217,150 @@ class Batcher:
             raise caller.error
         assert caller.result is not None  # the leader sets one of the two
         return caller.result
+
+    async def run_async(
+        self,
+        program: Program,
+        request: EngineRequest,
+        args: Sequence[np.ndarray],
+        *,
+        executor: Executor,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> Output:
+        """run() for a caller on the event loop: the same result, errors and limits, with
+        the engine called on `executor`. Concurrent callers of one key share a call."""
+        loop = asyncio.get_running_loop()
+        points = _points(request, args)
+        with self._lock:
+            self.stats.requests += 1
+        if self.max_delay_s == 0 or points > self.max_size or points == 0 or not request.coalesces:
+            return await loop.run_in_executor(
+                executor, self._run_alone, program, request, args, points, is_active
+            )
+        key = _key(program, request, args)
+        with self._lock:
+            if self._queued + points > self.max_queue:
+                self.stats.rejected += 1
+                raise self._queue_full(points)
+            self._queued += points
+        waiter = _Waiter(args, points, is_active, loop.create_future())
+        gathering = self._gathering.get(key)
+        if gathering is not None and gathering.points + points > self.max_size:
+            self._depart(key, gathering, program, request, executor)
+            gathering = None
+        if gathering is None:
+            gathering = _Gathering([], 0)
+            self._gathering[key] = gathering
+            if key in self._computing_async:
+                # Wait for the batch computing (its end sends this one off), or max_delay_s.
+                gathering.timer = loop.call_later(
+                    self.max_delay_s, self._depart, key, gathering, program, request, executor
+                )
+            else:
+                # Idle: off on the loop's next turn, with whoever arrives in this one.
+                gathering.timer = loop.call_soon(
+                    self._depart, key, gathering, program, request, executor
+                )
+        gathering.waiters.append(waiter)
+        gathering.points += points
+        if gathering.points == self.max_size:
+            self._depart(key, gathering, program, request, executor)
+        return await waiter.future
+
+    def _depart(
+        self,
+        key: tuple,
+        gathering: _Gathering,
+        program: Program,
+        request: EngineRequest,
+        executor: Executor,
+    ) -> None:
+        """Close `gathering`, drop its callers that have gone, and start its engine call."""
+        if gathering.departed:
+            return
+        gathering.departed = True
+        if gathering.timer is not None:
+            gathering.timer.cancel()
+        if self._gathering.get(key) is gathering:
+            del self._gathering[key]
+        active = []
+        for waiter in gathering.waiters:
+            if waiter.future.done():  # the call's task was cancelled
+                continue
+            if waiter.is_active():
+                active.append(waiter)
+            else:
+                waiter.future.set_exception(
+                    Cancelled(
+                        "the call was cancelled or passed its deadline while waiting for its batch"
+                    )
+                )
+        if self.observe_queue is not None:
+            now = time.perf_counter()
+            for waiter in active:
+                self.observe_queue(now - waiter.arrived)
+        with self._lock:
+            self.stats.dropped += len(gathering.waiters) - len(active)
+            if active:
+                self.stats.batches += 1
+                self.stats.points += sum(w.points for w in active)
+                if len(active) > 1:
+                    self.stats.coalesced += len(active)
+        if not active:
+            with self._lock:
+                self._queued -= gathering.points
+            return
+        self._computing_async[key] = self._computing_async.get(key, 0) + 1
+        args = _concatenate(request, [w.args for w in active])
+        computing = asyncio.get_running_loop().run_in_executor(
+            executor,
+            functools.partial(
+                self.engine.run,
+                program,
+                request,
+                args,
+                is_active=lambda: any(w.is_active() for w in active),
+            ),
+        )
+        computing.add_done_callback(
+            functools.partial(self._computed, key, gathering, active, program, request, executor)
+        )
+
+    def _computed(
+        self,
+        key: tuple,
+        gathering: _Gathering,
+        active: list[_Waiter],
+        program: Program,
+        request: EngineRequest,
+        executor: Executor,
+        computing: asyncio.Future,
+    ) -> None:
+        """Hand each waiter its rows (or the call's exception); send the next batch off."""
+        with self._lock:
+            self._queued -= gathering.points
+        self._computing_async[key] -= 1
+        if not self._computing_async[key]:
+            del self._computing_async[key]
+            waiting = self._gathering.get(key)
+            if waiting is not None:
+                self._depart(key, waiting, program, request, executor)
+        error = computing.exception()
+        if error is not None:
+            for waiter in active:
+                if not waiter.future.done():
+                    waiter.future.set_exception(error)
+            return
+        for waiter, rows in zip(active, _split(computing.result(), active), strict=True):
+            if not waiter.future.done():
+                waiter.future.set_result(rows)
+
+    def _queue_full(self, points: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"the batching queue is full: {self._queued} points are waiting or "
+            f"computing and this request adds {points}, over this server's limit of "
+            f"{self.max_queue} points (--batch-max-queue); retry with backoff"
+        )
 
     def _run_alone(
         self,
@@ -255,13 +428,7 @@ class Batcher:
 
     def _compute(self, program: Program, request: EngineRequest, callers: list[_Caller]) -> None:
         """One engine call for `callers`; each gets its rows, or the call's exception."""
-        if len(callers) == 1:
-            args = callers[0].args
-        else:
-            args = [
-                a if i in request.shared else np.concatenate([c.args[i] for c in callers])
-                for i, a in enumerate(callers[0].args)
-            ]
+        args = _concatenate(request, [c.args for c in callers])
         try:
             result = self.engine.run(
                 program, request, args, is_active=lambda: any(c.is_active() for c in callers)
@@ -270,14 +437,37 @@ class Batcher:
             for caller in callers:
                 caller.error = e
             return
-        start = 0
-        for caller in callers:
-            rows = slice(start, start + caller.points)
-            if isinstance(result, dict):
-                caller.result = {name: array[rows] for name, array in result.items()}
-            else:
-                caller.result = result[rows]
-            start = rows.stop
+        for caller, rows in zip(callers, _split(result, callers), strict=True):
+            caller.result = rows
+
+
+def _concatenate(
+    request: EngineRequest, args: Sequence[Sequence[np.ndarray]]
+) -> Sequence[np.ndarray]:
+    """The args of one engine call for callers' `args`: per-point ones concatenated along
+    the batch axis, shared ones (equal, by the key) taken from the first."""
+    if len(args) == 1:
+        return args[0]
+    return [
+        a if i in request.shared else np.concatenate([c[i] for c in args])
+        for i, a in enumerate(args[0])
+    ]
+
+
+def _split(result: Output, callers: Sequence[_Caller | _Waiter]) -> list[Output]:
+    """Each caller's rows of a batch's result, in order."""
+    if len(callers) == 1:
+        return [result]
+    parts: list[Output] = []
+    start = 0
+    for caller in callers:
+        rows = slice(start, start + caller.points)
+        if isinstance(result, dict):
+            parts.append({name: array[rows] for name, array in result.items()})
+        else:
+            parts.append(result[rows])
+        start = rows.stop
+    return parts
 
 
 def _points(request: EngineRequest, args: Sequence[np.ndarray]) -> int:

@@ -4,7 +4,7 @@ process in tests), served over HTTP by prometheus_client on --metrics-port."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -51,6 +51,35 @@ class Metrics:
             "hessd_batch_points", "Points per request", buckets=_POINT_BUCKETS,
             registry=self.registry,
         )  # fmt: skip
+        # The labelled children by their labels: prometheus_client's labels() takes a lock
+        # and builds a key on every call, which thousands of calls a second notice.
+        self._requests: dict[tuple[str, str, str], Any] = {}
+        self._latency: dict[tuple[str, str], Any] = {}
+        self._compute: dict[str, Any] = {}
+
+    def observe_call(
+        self, method: str, kind: str, status: str, seconds: float, points: int
+    ) -> None:
+        """One call answered: its count, its latency and, if it sent points, how many."""
+        counter = self._requests.get((method, kind, status))
+        if counter is None:
+            counter = self._requests[method, kind, status] = self.requests.labels(
+                method, kind, status
+            )
+        counter.inc()
+        latency = self._latency.get((method, kind))
+        if latency is None:
+            latency = self._latency[method, kind] = self.latency.labels(method, kind)
+        latency.observe(seconds)
+        if points:
+            self.batch_points.observe(points)
+
+    def observe_compute(self, label: str, seconds: float) -> None:
+        """Time one call spent in the engine."""
+        histogram = self._compute.get(label)
+        if histogram is None:
+            histogram = self._compute[label] = self.compute.labels(label)
+        histogram.observe(seconds)
 
     def watch(
         self,

@@ -16,7 +16,7 @@ import importlib.metadata
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import ml_dtypes
@@ -28,7 +28,7 @@ from hessd.proto.oip import grpc_predict_v2_pb2 as oip_pb2
 from hessd.proto.v1 import hessd_pb2
 from hessd.service.errors import InvalidArgument, NotFound, ServiceError
 from hessd.service.program import Program
-from hessd.service.servicer import HessdServicer, bounded, failure_status
+from hessd.service.servicer import HessdServicer, abort, failure_status
 
 __all__ = ["DATATYPES", "KINDS", "SERVICE_NAME", "OipServicer"]
 
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 # package hessd.oip so as not to clash with tritonclient's (proto/oip/grpc_predict_v2.proto).
 SERVICE_NAME = "inference.GRPCInferenceService"
 _SERVICE = oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+# Full method names ("/inference.GRPCInferenceService/ModelInfer", ...).
+METHODS = tuple(f"/{SERVICE_NAME}/{method.name}" for method in _SERVICE.methods)
 
 # The protocol's tensor data types that hessd computes with (its table: FP32 is float32,
 # BF16 bfloat16 and so on); the others (UINT8, INT8, ..., BYTES) are refused by name.
@@ -123,19 +125,12 @@ def _rpc(
         try:
             return method(self, request, context)
         except Exception as e:
-            status, message = failure_status(name, e, context)
+            status, message = failure_status(name, e, context.is_active())
         finally:
-            self.hessd._record(
-                name, _summary(request), context, status, time.perf_counter() - start
-            )
-        _abort(context, status, message)
+            self.hessd.record(name, _summary(request), context, status, time.perf_counter() - start)
+        abort(context, status, message)
 
     return wrapper
-
-
-def _abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(status, bounded(message))
-    raise AssertionError("grpc.ServicerContext.abort returned")
 
 
 def _summary(request: Any) -> hessd_pb2.ComputeRequest:

@@ -1,4 +1,5 @@
-"""Who may call: bearer tokens checked in an interceptor, TLS and mutual TLS credentials.
+"""Who may call: bearer tokens (checked by the server's router, service/handlers.py), TLS
+and mutual TLS credentials.
 
 Tokens come from a JSON file (--tokens-file) or the HESSD_TOKENS environment variable, in
 the same format:
@@ -21,18 +22,14 @@ import hmac
 import json
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import grpc
 
-__all__ = ["AuthInterceptor", "Principal", "Tokens", "server_credentials"]
+__all__ = ["UNAUTHENTICATED", "InFlight", "Principal", "Tokens", "server_credentials"]
 
 EXPORT = "export"
-# A unary-unary method's behavior: (request message, context) -> response message.
-_Behavior = Callable[[Any, grpc.ServicerContext], Any]
 PERMISSIONS = frozenset({EXPORT})
-_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,92 +100,35 @@ class Tokens:
         return found
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Refuses unauthenticated calls, bounds each token's calls in flight, and refuses new
-    calls while the server drains (UNAVAILABLE, so clients retry elsewhere)."""
+class InFlight:
+    """The calls each token has in flight, against its max_concurrent."""
 
-    def __init__(self, tokens: Tokens, draining: Callable[[], bool]):
-        self.tokens = tokens
-        self.draining = draining
-        self._in_flight: dict[str, int] = {}
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
-        if method.startswith(_EXEMPT):
-            return continuation(handler_call_details)
-        if self.draining():
-            return _refuse(
-                grpc.StatusCode.UNAVAILABLE, "this server is shutting down; retry another replica"
-            )
-        principal = self.tokens.identify(handler_call_details.invocation_metadata)
-        if principal is None:
-            return _refuse(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing, repeated or unknown token: send one metadata 'authorization: Bearer "
-                "<token>' "
-                "(Client(..., token=...))",
-            )
-        handler = continuation(handler_call_details)
-        if handler is None or principal.max_concurrent is None:
-            return handler
-        if handler.stream_stream:
-            # Streams count like unary calls, for as long as their handler computes.
-            return grpc.stream_stream_rpc_method_handler(
-                self._bounded(handler.stream_stream, principal),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._bounded(handler.stream_unary, principal),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if not handler.unary_unary:
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            self._bounded(handler.unary_unary, principal),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _bounded(self, behavior: _Behavior, principal: Principal) -> _Behavior:
+    def enter(self, principal: Principal) -> str | None:
+        """Count one more call of `principal`; the reason it is refused, or None."""
         limit = principal.max_concurrent
-        assert limit is not None  # intercept_service bounds only tokens with a limit
-
-        def bounded(request: Any, context: grpc.ServicerContext) -> Any:
-            with self._lock:
-                count = self._in_flight.get(principal.name, 0)
-                if count >= limit:
-                    refused = True
-                else:
-                    refused = False
-                    self._in_flight[principal.name] = count + 1
-            if refused:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"token {principal.name!r} already has {principal.max_concurrent} calls in "
-                    "flight, its max_concurrent; wait for one to finish",
+        with self._lock:
+            count = self._counts.get(principal.name, 0)
+            if limit is not None and count >= limit:
+                return (
+                    f"token {principal.name!r} already has {limit} calls in flight, its "
+                    "max_concurrent; wait for one to finish"
                 )
-            try:
-                return behavior(request, context)
-            finally:
-                with self._lock:
-                    self._in_flight[principal.name] -= 1
+            self._counts[principal.name] = count + 1
+        return None
 
-        return bounded
+    def leave(self, principal: Principal) -> None:
+        with self._lock:
+            self._counts[principal.name] -= 1
 
 
-def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    def abort(request: object, context: grpc.ServicerContext) -> None:
-        context.abort(code, message)
-
-    return grpc.unary_unary_rpc_method_handler(abort)
+UNAUTHENTICATED = (
+    "missing, repeated or unknown token: send one metadata 'authorization: Bearer <token>' "
+    "(Client(..., token=...))"
+)
 
 
 def server_credentials(cert: str, key: str, client_ca: str | None = None) -> grpc.ServerCredentials:

@@ -3,27 +3,30 @@ reflection, metrics and graceful shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+from collections.abc import Coroutine
 from concurrent import futures
+from typing import Any, TypeVar
 
 import grpc
 import jax
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
+from hessd.proto.v1 import hessd_pb2
 from hessd.service import oip
 from hessd.service.batcher import Batcher
 from hessd.service.compile_guard import CompileGuard
 from hessd.service.config import ServerConfig, machine_memory
 from hessd.service.engine import Engine
 from hessd.service.expression import ExpressionLimits
+from hessd.service.handlers import Router, hessd_handlers, threaded_handlers
 from hessd.service.metrics import Metrics
-from hessd.service.parsing import ParseErrors
 from hessd.service.registry import Registry
 from hessd.service.resident import ResidentStore
-from hessd.service.security import AuthInterceptor, Tokens, server_credentials
+from hessd.service.security import Tokens, server_credentials
 from hessd.service.servicer import HessdServicer
 
 __all__ = ["HessdServer", "create_server", "enable_x64"]
@@ -31,20 +34,32 @@ __all__ = ["HessdServer", "create_server", "enable_x64"]
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = hessd_pb2.DESCRIPTOR.services_by_name["Hessd"].full_name
+T = TypeVar("T")
 
 
 class HessdServer:
     """A configured server: `start()`, then `stop(grace)` or `enter_graceful_shutdown()`.
 
+    It is a grpc.aio server on an event loop of its own (the thread `hessd-loop`), with
+    the full path's calls on `workers` threads and the fast path's engine calls on as many
+    device threads (service/handlers.py); this class is its synchronous face.
+
     Health (grpc.health.v1) reports SERVING for "" and hessd.v1.Hessd once started, and
     NOT_SERVING from the moment shutdown begins, while new calls get UNAVAILABLE and calls
-    in flight finish.
+    in flight finish. Calls still running when the grace ends are cancelled: their clients
+    are answered at once (CANCELLED), not left waiting for their deadline.
     """
 
     def __init__(self, config: ServerConfig, tokens: Tokens | None = None):
         self.config = config
         self._draining = threading.Event()
+        self._stopped = threading.Event()
         self.tokens = tokens if tokens is not None else Tokens.load(config.tokens_file)
+        if bool(config.tls_cert) != bool(config.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both, or neither")
+        credentials = None
+        if config.tls_cert and config.tls_key:
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
         self.metrics = Metrics()
         guard = None
         if config.compile_cache_dir and config.compile_isolation_lines:
@@ -83,8 +98,29 @@ class HessdServer:
             tokens=self.tokens,
             resident=resident,
         )
+        self.oip = oip.OipServicer(self.servicer)
         self.metrics_port: int | None = None
-        self.health = health.HealthServicer()
+        self._workers = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="hessd")
+        self._device = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="hessd-device")
+        handlers = hessd_handlers(self.servicer, self._workers, self._device)
+        handlers.update(threaded_handlers(self.oip.add_to_server, oip.METHODS, self._workers))
+        self._router = Router(handlers, self.tokens, self._draining.is_set)
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._run_loop, name="hessd-loop", daemon=True).start()
+        self.port = self._call(self._bind(f"{config.host}:{config.port}", credentials))
+        if self.port == 0:
+            raise OSError(f"could not bind {config.host}:{config.port}")
+
+    def _run_loop(self) -> None:
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    async def _bind(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        """The aio server, built on its loop (grpc.aio objects belong to the loop that made
+        them), bound to `address`: the port."""
+        config = self.config
         options = [
             ("grpc.max_receive_message_length", config.max_request_bytes),
             # Room for the largest output plus its envelope.
@@ -94,52 +130,70 @@ class HessdServer:
             options.append(("grpc.max_connection_age_ms", 1000 * config.max_connection_age_s))
             # Calls in flight when the age is reached get this long to finish.
             options.append(("grpc.max_connection_age_grace_ms", 1000 * 600))
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="hessd"),
-            interceptors=[AuthInterceptor(self.tokens, self._draining.is_set), ParseErrors()],
-            options=options,
-        )
-        hessd_pb2_grpc.add_HessdServicer_to_server(self.servicer, self._server)
-        # The Open Inference Protocol on the same port, over the same servicer's parts.
-        self.oip = oip.OipServicer(self.servicer)
-        self.oip.add_to_server(self._server)
+        self._server = grpc.aio.server(options=options)
+        self._server.add_generic_rpc_handlers((self._router,))
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         # Not the Open Inference Protocol: its messages are not in the default descriptor
         # pool under the protocol's names (see proto/oip/grpc_predict_v2.proto).
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        address = f"{config.host}:{config.port}"
-        if config.tls_cert or config.tls_key:
-            if not (config.tls_cert and config.tls_key):
-                raise ValueError("--tls-cert and --tls-key go together: give both, or neither")
-            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-            self.port = self._server.add_secure_port(address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not bind {address}")
+        if credentials is not None:
+            return self._server.add_secure_port(address, credentials)
+        return self._server.add_insecure_port(address)
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def start(self) -> None:
         jax.devices()  # the device is up before health says SERVING
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
-        self._server.start()
+        self._call(self._start())
+
+    async def _start(self) -> None:
+        await self._server.start()
         for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def enter_graceful_shutdown(self) -> None:
         """NOT_SERVING for health, UNAVAILABLE for new calls; calls in flight go on."""
-        self._draining.set()
-        self.health.enter_graceful_shutdown()
+        if not self._draining.is_set():
+            self._draining.set()
+            self._call(self.health.enter_graceful_shutdown())
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Drain, then stop: calls in flight get `grace` seconds to finish."""
+        """Drain, then stop: calls in flight get `grace` seconds to finish (None: none),
+        then are cancelled. The event is set once the server has stopped."""
+        if self._stopped.is_set():
+            return self._stopped
         self.enter_graceful_shutdown()
-        return self._server.stop(grace)
+        asyncio.run_coroutine_threadsafe(self._stop(grace), self._loop)
+        return self._stopped
+
+    async def _stop(self, grace: float | None) -> None:
+        try:
+            await self._server.stop(grace)
+            # Handlers the stop cancelled end here, before the loop does.
+            current = asyncio.current_task()
+            pending = [task for task in asyncio.all_tasks() if task is not current]
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        finally:
+            # Work still on the threads is inside XLA and cannot be interrupted; the calls
+            # are answered, so nothing waits for it (hessd serve exits without it).
+            self._workers.shutdown(wait=False, cancel_futures=True)
+            self._device.shutdown(wait=False, cancel_futures=True)
+            self._stopped.set()
+            self._loop.call_soon(self._loop.stop)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self._server.wait_for_termination(timeout)
+        """Wait until the server has stopped; True if `timeout` passed first."""
+        return not self._stopped.wait(timeout)
 
 
 def enable_x64() -> None:

@@ -6,7 +6,6 @@ a bug, logged with its traceback and answered INTERNAL. The server keeps serving
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -35,7 +34,7 @@ from hessd.proto.kinds import (
     TraceEstimator,
 )
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
-from hessd.service import analysis, curvature, kinds, objective, sparse
+from hessd.service import analysis, curvature, fastpath, kinds, objective, sparse
 from hessd.service.batcher import Batcher
 from hessd.service.config import ServerConfig, machine_memory
 from hessd.service.engine import Engine, EngineRequest, Output
@@ -54,7 +53,7 @@ from hessd.service.resident import ResidentStore
 from hessd.service.security import EXPORT, Tokens
 from hessd.service.variable import Wrt
 
-__all__ = ["HessdServicer"]
+__all__ = ["HessdServicer", "Streamed", "abort", "bounded", "compute_response", "failure_status"]
 
 logger = logging.getLogger(__name__)
 E = TypeVar(
@@ -70,7 +69,6 @@ E = TypeVar(
     DiagonalEstimator,
 )
 _Request = TypeVar("_Request")
-_Message = TypeVar("_Message")
 _Reply = TypeVar("_Reply")
 # One line per call: id, method, function, kind, points, status, milliseconds.
 request_log = logging.getLogger("hessd.requests")
@@ -90,45 +88,23 @@ def _rpc(
         try:
             return method(self, request, context)
         except Exception as e:
-            status, message = failure_status(name, e, context)
+            status, message = failure_status(name, e, context.is_active())
         finally:
-            self._record(name, request, context, status, time.perf_counter() - start)
-        _abort(context, status, message)
+            summary = request.header if isinstance(request, Streamed) else request
+            self.record(name, summary, context, status, time.perf_counter() - start)
+        abort(context, status, message)
 
     return wrapper
 
 
-class _IdleWatch:
-    """Cancels a stream whose client sends nothing for `seconds` while it is read, so that
-    a client that sends a header and waits cannot hold a worker thread for ever."""
+@dataclasses.dataclass(frozen=True)
+class Streamed:
+    """A streamed request as received: its header, and the bytes of its tensors by stream
+    name ("input 'x'", "vector", "the tensor to put"). The server's event loop reads the
+    stream (service/handlers.py); the servicer computes on what it read."""
 
-    def __init__(self, context: grpc.ServicerContext, seconds: float):
-        self.context, self.seconds = context, seconds
-        self.last = time.monotonic()
-        self.expired = False
-        self._done = threading.Event()
-
-    def messages(self, messages: Iterable[_Message]) -> Iterator[_Message]:
-        for message in messages:
-            self.last = time.monotonic()
-            yield message
-
-    def __enter__(self) -> _IdleWatch:
-        if self.seconds > 0:
-            threading.Thread(target=self._watch, name="hessd-idle-watch", daemon=True).start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._done.set()
-        if self.expired:
-            logger.info("a stream sent nothing for %.1f s: cancelled", self.seconds)
-
-    def _watch(self) -> None:
-        while not self._done.wait(min(1.0, self.seconds / 4)):
-            if time.monotonic() - self.last > self.seconds:
-                self.expired = True
-                self.context.cancel()
-                return
+    header: Any
+    data: dict[str, memoryview]
 
 
 # A status message travels in a header (percent-encoded beyond ASCII) under the peer's
@@ -144,14 +120,13 @@ def bounded(message: str) -> str:
     return cut + "…"
 
 
-def failure_status(
-    name: str, error: Exception, context: grpc.ServicerContext
-) -> tuple[grpc.StatusCode, str]:
+def failure_status(name: str, error: Exception, active: bool) -> tuple[grpc.StatusCode, str]:
     """The status a call that raised `error` is answered with: a ServiceError's own; for
-    anything else INTERNAL (logged with its traceback), unless the client has gone."""
+    anything else INTERNAL (logged with its traceback), unless the client has gone
+    (`active` is false)."""
     if isinstance(error, ServiceError):
         return error.code, error.message
-    if not context.is_active():
+    if not active:
         # The client went away (cancelled a stream, or its deadline passed) while we read
         # from or wrote to it: not a bug, and nobody is left to answer.
         logger.info("%s: the client left (%s)", name, type(error).__name__)
@@ -160,7 +135,7 @@ def failure_status(
     return grpc.StatusCode.INTERNAL, "internal error in hessd; see server log"
 
 
-def _abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str) -> NoReturn:
+def abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str) -> NoReturn:
     """context.abort with the message bounded; it always raises (grpc ships no types that
     say so)."""
     context.abort(status, bounded(message))
@@ -191,25 +166,11 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         self.registry = registry
         self.metrics = metrics
         self.tokens = tokens
-        # Streams may take at most half the worker threads (at least one), so that idle or
-        # slow uploads can never starve unary calls and health checks of a thread.
-        self._stream_slots = threading.BoundedSemaphore(max(1, config.workers // 2))
+        # What a repeated Compute needs, found by its first (service/fastpath.py).
+        self.plans = fastpath.Plans()
         self._inflight_budget = config.max_inflight_bytes or machine_memory() // 2
         self._inflight = 0
         self._inflight_lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def _stream_slot(self) -> Iterator[None]:
-        """One of the stream slots while a stream is read; RESOURCE_EXHAUSTED if none."""
-        if not self._stream_slots.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"{max(1, self.config.workers // 2)} streams are already being received, half "
-                "this server's --workers; retry, or send requests under 1 MiB as unary calls"
-            )
-        try:
-            yield
-        finally:
-            self._stream_slots.release()
 
     @_rpc
     def Register(
@@ -237,28 +198,13 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             response = hessd_pb2.ComputeResponse(sparsity=pattern)
             codec.encode(values, out=response.output)
             return response
-        result = self._compute(request, context)
-        response = hessd_pb2.ComputeResponse()
-        for out, array in zip(_output_fields(response, result), _arrays(result), strict=True):
-            codec.encode(array, out=out)
-        return response
+        return compute_response(self._compute(request, context))
 
     @_rpc
     def ComputeStream(
-        self, request_iterator: Iterator[hessd_pb2.StreamMessage], context: grpc.ServicerContext
+        self, request: Streamed, context: grpc.ServicerContext
     ) -> Iterator[hessd_pb2.StreamMessage]:
-        try:
-            with self._stream_slot(), _IdleWatch(context, self.config.stream_idle_seconds) as watch:
-                header, buffers = stream.receive(
-                    watch.messages(request_iterator),
-                    "compute_request",
-                    self.config.max_request_bytes,
-                )
-        except codec.LimitExceeded as e:
-            raise ResourceExhausted(str(e)) from None
-        except codec.TensorError as e:
-            raise InvalidArgument(str(e)) from None
-        data = dict(zip((what for what, _ in stream.tensors(header)), buffers, strict=True))
+        header, data = request.header, request.data
         if header.sparse:
             values, pattern, indices = self._compute_sparse(header, context, data)
             response = hessd_pb2.ComputeResponse(sparsity=pattern)
@@ -367,7 +313,12 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         vector = _decode_vector(program, task, request, batch, data, store=self.resident)
         if vector is not None:
             args.append(vector)
-        return self._run(program, task, args, context)
+        result = self._run(program, task, args, context)
+        if data is None:
+            # Checked and computed: a call that differs only in its points' values and
+            # number takes the fast path from now on.
+            self.plans.remember(request, program, task)
+        return result
 
     def _compute_curvature(
         self,
@@ -575,6 +526,50 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         """Check the output size against the limit, then run on the engine, unless the
         caller has gone (cancelled, or its deadline passed) in the meantime."""
         batch = next(a for i, a in enumerate(args) if i not in task.shared).shape[0]
+        nbytes = self.check_output(program, task, batch)
+        start = time.perf_counter()
+        bound = self.config.max_call_seconds
+        give_up = start + bound if bound else math.inf
+        expired = False
+
+        def is_active() -> bool:
+            nonlocal expired
+            expired = expired or time.perf_counter() > give_up
+            return context.is_active() and not expired
+
+        # Coalesced with concurrent calls of the same computation; a caller that has gone
+        # (cancelled, deadline passed, or past --max-call-seconds) is dropped before compute
+        # and between chunks of points.
+        held = self.admit(sum(a.nbytes for a in args) + nbytes)
+        try:
+            result = self.batcher.run(program, task, args, is_active=is_active)
+        except Cancelled:
+            if expired:
+                raise self.overran() from None
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise self.deadline_passed() from None
+            raise
+        finally:
+            self.release(held)
+        self.metrics.observe_compute(task.label, time.perf_counter() - start)
+        return result
+
+    def overran(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"the call ran past this server's bound of {self.config.max_call_seconds:g} s per "
+            "call (--max-call-seconds); send fewer points per call"
+        )
+
+    @staticmethod
+    def deadline_passed() -> DeadlineExceeded:
+        return DeadlineExceeded(
+            "the call's deadline passed before its result was computed; give it a longer "
+            "timeout, or send fewer points per call"
+        )
+
+    def check_output(self, program: Program, task: EngineRequest, batch: int) -> int:
+        """The bytes of the result for `batch` points; ResourceExhausted over the limit."""
         shapes = task.output_shapes(program)
         dtype = task.result_dtype(program)
         per_point = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
@@ -594,35 +589,9 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 f"{nbytes} bytes, over this server's limit of {limit} bytes "
                 f"(--max-output-bytes); {advice}"
             )
-        start = time.perf_counter()
-        bound = self.config.max_call_seconds
-        give_up = start + bound if bound else math.inf
-        expired = False
+        return nbytes
 
-        def is_active() -> bool:
-            nonlocal expired
-            expired = expired or time.perf_counter() > give_up
-            return context.is_active() and not expired
-
-        # Coalesced with concurrent calls of the same computation; a caller that has gone
-        # (cancelled, deadline passed, or past --max-call-seconds) is dropped before compute
-        # and between chunks of points.
-        held = self._admit(sum(a.nbytes for a in args) + nbytes)
-        try:
-            result = self.batcher.run(program, task, args, is_active=is_active)
-        except Cancelled:
-            if expired:
-                raise DeadlineExceeded(
-                    f"the call ran past this server's bound of {bound:g} s per call "
-                    "(--max-call-seconds); send fewer points per call"
-                ) from None
-            raise
-        finally:
-            self._release(held)
-        self.metrics.compute.labels(task.label).observe(time.perf_counter() - start)
-        return result
-
-    def _admit(self, need: int) -> int:
+    def admit(self, need: int) -> int:
         """Hold `need` bytes of the in-flight budget (--max-inflight-bytes: requests and
         results of every call computing), or refuse the call: RESOURCE_EXHAUSTED."""
         budget = self._inflight_budget
@@ -643,7 +612,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             "for calls in flight (--max-inflight-bytes) are taken; retry shortly"
         )
 
-    def _release(self, held: int) -> None:
+    def release(self, held: int) -> None:
         with self._inflight_lock:
             self._inflight -= held
 
@@ -655,19 +624,8 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         return hessd_pb2.PutResponse(handle=self.resident.put(array), nbytes=array.nbytes)
 
     @_rpc
-    def PutStream(
-        self, request_iterator: Iterator[hessd_pb2.StreamMessage], context: grpc.ServicerContext
-    ) -> hessd_pb2.PutResponse:
-        limit = min(self.config.max_request_bytes, self.config.max_resident_bytes)
-        try:
-            with self._stream_slot(), _IdleWatch(context, self.config.stream_idle_seconds) as watch:
-                messages = watch.messages(request_iterator)
-                header, (buffer,) = stream.receive(messages, "put_request", limit)
-        except codec.LimitExceeded as e:
-            raise ResourceExhausted(f"{e} (--max-resident-bytes, --max-request-bytes)") from None
-        except codec.TensorError as e:
-            raise InvalidArgument(str(e)) from None
-        array = _decode(header.tensor, "the tensor to put", {"the tensor to put": buffer})
+    def PutStream(self, request: Streamed, context: grpc.ServicerContext) -> hessd_pb2.PutResponse:
+        array = _decode(request.header.tensor, "the tensor to put", request.data)
         return hessd_pb2.PutResponse(handle=self.resident.put(array), nbytes=array.nbytes)
 
     @_rpc
@@ -721,7 +679,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 )
         return self.registry.register(spec, name)
 
-    def _record(
+    def record(
         self,
         method: str,
         request: Any,
@@ -730,8 +688,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         seconds: float,
     ) -> None:
         """One structured log line per call (no tensor data), and the metrics. `request` is
-        whatever `method` received: one of its request messages, or ComputeStream's
-        iterator of StreamMessages."""
+        the request message `method` received (a stream's header)."""
         kind = "-"
         try:
             if method in ("Compute", "ModelInfer"):  # ModelInfer: see service/oip.py
@@ -761,10 +718,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
                 "id=%s method=%s function=%s kind=%s points=%d status=%s ms=%.2f",
                 request_id, method, function[:16], kind, points, status.name, 1e3 * seconds,
             )  # fmt: skip
-        self.metrics.requests.labels(method, kind, status.name).inc()
-        self.metrics.latency.labels(method, kind).observe(seconds)
-        if points:
-            self.metrics.batch_points.observe(points)
+        self.metrics.observe_call(method, kind, status.name, seconds, points)
 
 
 # ComputeRequest options that a sparse jacobian or hessian does not take.
@@ -840,6 +794,14 @@ def _decode_enum(decode: Callable[[int], np.dtype], value: int) -> np.dtype:
         return decode(value)
     except codec.TensorError as e:
         raise InvalidArgument(f"output_dtype: {e}") from None
+
+
+def compute_response(result: Output) -> hessd_pb2.ComputeResponse:
+    """The ComputeResponse of a result: one array, or named ones."""
+    response = hessd_pb2.ComputeResponse()
+    for out, array in zip(_output_fields(response, result), _arrays(result), strict=True):
+        codec.encode(array, out=out)
+    return response
 
 
 def _output_fields(response: hessd_pb2.ComputeResponse, result: Output) -> list[hessd_pb2.Tensor]:

@@ -410,12 +410,12 @@ def test_bytes_in_flight_are_bounded():
             with pytest.raises(ResourceExhausted, match="--max-inflight-bytes"):
                 client.gradient(f, np.ones((300, 100)))  # 480 kB alone
             servicer = server.servicer
-            held = servicer._admit(300_000)  # another call's bytes, in flight
+            held = servicer.admit(300_000)  # another call's bytes, in flight
             try:
                 with pytest.raises(ResourceExhausted, match="retry shortly"):
                     client.gradient(f, np.ones((100, 100)))
             finally:
-                servicer._release(held)
+                servicer.release(held)
             assert client.gradient(f, np.ones((100, 100))).shape == (100, 100)
     finally:
         server.stop(None)

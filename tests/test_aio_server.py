@@ -1,0 +1,94 @@
+"""The asyncio server (service/server.py, service/handlers.py): how it stops, and that no
+thread is held by what waits.
+
+Stopping: health says NOT_SERVING and new calls get UNAVAILABLE at once; a call in flight
+that ends within the grace is answered; one still computing when the grace ends is
+answered at once with an error (its client is not left waiting for its deadline), and the
+server has stopped by then.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from hessd.client import Client, HessdError
+from hessd.proto import codec
+from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
+from hessd.service.config import ServerConfig
+from hessd.service.server import create_server
+
+SLOW = "sum(tanh(x)**2) + sum(x**4)"  # a spectrum: one eigh of n×n per point
+
+
+def _gradient_request(fid: str) -> hessd_pb2.ComputeRequest:
+    request = hessd_pb2.ComputeRequest(function_id=fid, kind=hessd_pb2.GRADIENT)
+    codec.encode(np.ones((1, 3)), out=request.inputs.add(name="x").tensor)
+    return request
+
+
+def test_stop_answers_calls_in_flight_and_refuses_new_ones():
+    # One point per engine call, so that the spectrum in flight is many device calls.
+    server, port = create_server(ServerConfig(port=0, workers=4, max_batch_bucket=1))
+    server.start()
+    address = f"127.0.0.1:{port}"
+    try:
+        with (
+            Client(address, timeout=300) as c,
+            grpc.insecure_channel(address) as channel,
+            concurrent.futures.ThreadPoolExecutor(2) as pool,
+        ):
+            f = c.register(SLOW, {"x": (600,)}, dtype="float64")
+            small = c.register("sum(x**2)", {"x": (3,)}, dtype="float64")
+            x = np.random.default_rng(0).normal(size=(200, 600))
+            c.spectrum(f, x[:1])  # compiled
+            stub = hessd_pb2_grpc.HessdStub(channel)
+            stub.Compute(_gradient_request(small.id), timeout=10)  # planned: the fast path
+            runaway = pool.submit(c.spectrum, f, x)  # far longer than the grace
+            short = pool.submit(c.spectrum, f, x[:2])  # well within it
+            time.sleep(0.5)
+            start = time.monotonic()
+            stopped = server.stop(grace=4.0)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Compute(_gradient_request(small.id), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in refused.value.details()
+            assert short.result(timeout=30).eigenvalues.shape == (2, 600)
+            with pytest.raises(HessdError):
+                runaway.result(timeout=30)
+            answered = time.monotonic() - start
+            assert stopped.wait(10)
+        # The grace, then the cancellation: not the runaway's minutes or its deadline.
+        assert answered < 4.0 + 10
+    finally:
+        server.stop(None)
+
+
+def test_waiting_calls_hold_no_thread():
+    """More fast-path calls in flight than the server has threads, all answered: a call
+    waiting for its batch waits on the event loop, not on a thread."""
+    import asyncio
+
+    from hessd.client import AsyncClient
+
+    server, port = create_server(ServerConfig(port=0, workers=1, batch_max_delay_us=2000))
+    server.start()
+    try:
+
+        async def main() -> list[np.ndarray]:
+            async with AsyncClient(f"127.0.0.1:{port}", timeout=60) as c:
+                f = await c.register("sum(x**2)", {"x": (3,)}, dtype="float64")
+                points = np.arange(3.0)[None] + np.arange(64.0)[:, None, None]
+                await c.gradient(f, points[0])  # planned
+                return await asyncio.gather(*(c.gradient(f, p) for p in points))
+
+        gradients = asyncio.run(main())
+        for i, g in enumerate(gradients):
+            np.testing.assert_array_equal(g, 2 * (np.arange(3.0) + i)[None])
+        assert server.servicer.batcher.stats.coalesced > 0
+    finally:
+        server.stop(None)
