@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 from hessd.client import _requests, _sparse
 from hessd.client._client import (
     _AboutAFunction,
+    _carries_spec,
     _Kinds,
     _names_a_resident_tensor,
     _with_spec,
@@ -82,9 +83,11 @@ class AsyncClient(_Kinds):
         timeout: float | None = None,
         **options: Any,
     ) -> np.ndarray | dict[str, np.ndarray]:
-        call = _requests.compute_request(f, kind, points, **options)
+        call = _requests.compute_call(f, kind, points, options, self.stream_threshold)
+        if isinstance(call, _requests.PlannedCall):
+            return call.result(await self._call_on(f, self._compute, call.wire, timeout))
         if max(call.input_bytes, call.output_bytes) <= self.stream_threshold:
-            reply = await self._call_on(f, self._stub.Compute, call.filled(), timeout, call.handles)
+            reply = await self._call_on(f, self._compute, call.filled(), timeout, call.handles)
             return call.result(reply)
         try:
             return await self._streamed(call, timeout)
@@ -162,7 +165,7 @@ class AsyncClient(_Kinds):
         self,
         f: Function,
         method: Callable[..., Any],
-        request: _AboutAFunction,
+        request: _AboutAFunction | bytes,
         timeout: float | None,
         handles: Sequence[Handle] = (),
     ) -> Any:
@@ -175,16 +178,20 @@ class AsyncClient(_Kinds):
                     raise
                 if _names_a_resident_tensor(e) and handles:
                     await self._put_again(handles, timeout)
-                elif f.spec is not None and not request.HasField("spec"):
+                elif f.spec is not None and not _carries_spec(request):
                     request = _with_spec(request, f)
                 else:
                     raise
         raise AssertionError("unreachable")
 
     async def _call(
-        self, method: Callable[..., Any], request: Message, timeout: float | None
+        self, method: Callable[..., Any], request: Message | bytes, timeout: float | None
     ) -> Any:
         try:
-            return await method(request, **self._call_options(timeout))
+            return await method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None

@@ -117,12 +117,26 @@ class Connection:
         return api.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
-def _with_spec(request: _AboutAFunction, f: Function) -> _AboutAFunction:
-    """A copy of `request` that carries f's spec instead of its id."""
-    inline = type(request)()
-    inline.CopyFrom(request)
+def _with_spec(request: _AboutAFunction | bytes, f: Function) -> _AboutAFunction:
+    """A copy of `request` that carries f's spec instead of its id; a planned Compute
+    request (wire bytes) is parsed first."""
+    if isinstance(request, bytes):
+        inline: Any = hessd_pb2.ComputeRequest.FromString(request)
+    else:
+        inline = type(request)()
+        inline.CopyFrom(request)
     inline.spec.CopyFrom(f.spec)  # one of function_id / spec: clears the id
     return inline
+
+
+def _carries_spec(request: Message | bytes) -> bool:
+    """Whether a request carries its function's spec (a planned one never does)."""
+    return not isinstance(request, bytes) and request.HasField("spec")
+
+
+def _serialized(request: Message | bytes) -> bytes:
+    """The Compute request on the wire: a planned one is already bytes."""
+    return request if isinstance(request, bytes) else request.SerializeToString()
 
 
 def _names_a_resident_tensor(error: NotFound) -> bool:
@@ -159,6 +173,13 @@ class _Kinds(abc.ABC):
         self._channel = self.connection.open(self._api)
         self._stub = hessd_pb2_grpc.HessdStub(self._channel)
         self._metadata = self.connection.metadata()
+        # Compute as the stub has it, but taking a planned request's wire bytes as well.
+        self._compute = self._channel.unary_unary(
+            "/hessd.v1.Hessd/Compute",
+            request_serializer=_serialized,
+            response_deserializer=hessd_pb2.ComputeResponse.FromString,
+            _registered_method=True,
+        )
 
     def _call_options(self, timeout: float | None) -> dict:
         return {
@@ -357,10 +378,17 @@ class Client(_Kinds):
         half the bytes; unpacked here unless unpack=False).
 
         Requests or results over `stream_threshold` bytes travel as streams of ~1 MiB
-        chunks (ComputeStream): faster than one large message, and not capped at 2 GiB."""
-        call = _requests.compute_request(f, kind, points, **options)
+        chunks (ComputeStream): faster than one large message, and not capped at 2 GiB.
+
+        A result that came in one message is a read-only view of its bytes (np.array(r)
+        copies it). A call like one answered before (same function, kind, options as
+        passed, shapes; arrays of the function's dtype) is built from the plan kept then:
+        the request's wire bytes around the arrays', and the reply's layout."""
+        call = _requests.compute_call(f, kind, points, options, self.stream_threshold)
+        if isinstance(call, _requests.PlannedCall):
+            return call.result(self._call_on(f, self._compute, call.wire, timeout))
         if max(call.input_bytes, call.output_bytes) <= self.stream_threshold:
-            reply = self._call_on(f, self._stub.Compute, call.filled(), timeout, call.handles)
+            reply = self._call_on(f, self._compute, call.filled(), timeout, call.handles)
             return call.result(reply)
         try:
             return self._streamed(call, timeout)
@@ -424,14 +452,15 @@ class Client(_Kinds):
         self,
         f: Function,
         method: Callable[..., Any],
-        request: _AboutAFunction,
+        request: _AboutAFunction | bytes,
         timeout: float | None,
         handles: Sequence[Handle] = (),
     ) -> Any:
         """Call about f; if the server does not know f (restarted, or another replica), call
         once more with f's spec inline, which registers it on whichever replica answers;
         if it lacks a resident tensor the call names, put those again and call once more.
-        Ids and handles are content-addressed, so both stay valid everywhere."""
+        Ids and handles are content-addressed, so both stay valid everywhere. `request`
+        may be a planned Compute request's wire bytes."""
         try:
             return self._call(method, request, timeout)
         except NotFound as e:
@@ -447,14 +476,20 @@ class Client(_Kinds):
             # A function the server had dropped and a tensor it lacks may come one by one.
             if _names_a_resident_tensor(e) and handles:
                 self._put_again(handles, timeout)
-            elif f.spec is not None and not request.HasField("spec"):
+            elif f.spec is not None and not _carries_spec(request):
                 request = _with_spec(request, f)
             else:
                 raise
             return self._call(method, request, timeout)
 
-    def _call(self, method: Callable[..., Any], request: Message, timeout: float | None) -> Any:
+    def _call(
+        self, method: Callable[..., Any], request: Message | bytes, timeout: float | None
+    ) -> Any:
         try:
-            return method(request, **self._call_options(timeout))
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None

@@ -54,6 +54,11 @@ class Function:
     output_shape: tuple[int, ...]
     dtype: np.dtype
     spec: hessd_pb2.FunctionSpec = dataclasses.field(repr=False, compare=False)
+    # The plans of calls already answered, by call key (compute_call); per object, so a
+    # Function made anew (dataclasses.replace) starts with none.
+    _plans: dict[tuple, ComputePlan] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +153,11 @@ class ComputeCall:
     unpack: int | None = None  # n, to unpack a packed Hessian into (n, n)
     sparse_format: str | None = None  # sparse: "scipy" or "arrays" (client/_sparse.py)
     handles: list[Handle] = dataclasses.field(default_factory=list)  # resident tensors named
+    # Set by compute_call when a plan of this call may be kept once it is answered: its key,
+    # the arrays as the caller gave them (compute_call's order), and where plans are kept.
+    plan_key: tuple | None = None
+    given: list[np.ndarray] = dataclasses.field(default_factory=list)
+    plans: dict[tuple, ComputePlan] | None = None
 
     @property
     def input_bytes(self) -> int:
@@ -164,25 +174,281 @@ class ComputeCall:
     ) -> Any:
         """The reply's arrays (a sparse one's matrices); `buffers` holds the bytes of a
         streamed reply."""
-        named = stream.tensors(reply)
-        data: Sequence[memoryview | None] = buffers if buffers is not None else [None] * len(named)
-        # A writable copy would double the memory of a large result; the view is read-only.
-        arrays = {
-            what: codec.decode(tensor, what, buffer)
-            for (what, tensor), buffer in zip(named, data, strict=True)
-        }
         if self.sparse_format is not None:
+            named = stream.tensors(reply)
+            data: Sequence[memoryview | None] = (
+                buffers if buffers is not None else [None] * len(named)
+            )
+            arrays = {
+                what: codec.decode(tensor, what, buffer)
+                for (what, tensor), buffer in zip(named, data, strict=True)
+            }
             rows, cols = arrays.get("sparsity rows"), arrays.get("sparsity cols")
             sparsity = _sparse.sparsity_of(reply.sparsity, rows, cols)
             _sparse.remember(self.request, sparsity.nnz)
             return _sparse.sparse_result(sparsity, arrays["output"], self.sparse_format)
-        result: np.ndarray | dict[str, np.ndarray] = (
-            arrays["output"] if list(arrays) == ["output"] else arrays
-        )
-        if self.unpack is not None:
-            assert isinstance(result, np.ndarray)  # packed: one Hessian of a scalar function
-            result = unpack_triangles(result, self.unpack)
+        result = _decoded(reply, self.unpack, buffers)
+        if buffers is None and self.plans is not None and self.plan_key is not None:
+            plan = _plan_of(self, reply)
+            if plan is not None:
+                if len(self.plans) >= MAX_PLANS:
+                    self.plans.clear()  # bounded, and safe beside other threads' lookups
+                self.plans[self.plan_key] = plan
         return result
+
+
+def _decoded(
+    reply: hessd_pb2.ComputeResponse,
+    unpack: int | None,
+    buffers: Sequence[memoryview] | None = None,
+) -> np.ndarray | dict[str, np.ndarray]:
+    """The arrays of a dense reply: "output" alone as an array, several as a dict by name;
+    a packed Hessian unpacked into (n, n) when `unpack` is n."""
+    named = stream.tensors(reply)
+    data: Sequence[memoryview | None] = buffers if buffers is not None else [None] * len(named)
+    # A writable copy would double the memory of a large result; the view is read-only.
+    arrays = {
+        what: codec.decode(tensor, what, buffer)
+        for (what, tensor), buffer in zip(named, data, strict=True)
+    }
+    result: np.ndarray | dict[str, np.ndarray] = (
+        arrays["output"] if list(arrays) == ["output"] else arrays
+    )
+    if unpack is not None:
+        assert isinstance(result, np.ndarray)  # packed: one Hessian of a scalar function
+        result = unpack_triangles(result, unpack)
+    return result
+
+
+# Plans kept per Function; past this they are dropped together (a workload with ever new
+# batch sizes pays a little for its misses, and memory stays bounded).
+MAX_PLANS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputePlan:
+    """What a repeated unary Compute call needs besides its arrays' bytes: made once from a
+    call that compute_request built and the server answered, for one key (function, kind,
+    options, shapes; the dtype is the function's).
+
+    The request is kept as wire bytes: `head` (every field but the tensors), then for each
+    array the bytes of its NamedTensor or vector up to its data, so that a request is one
+    join of those with the arrays' buffers (one copy of the data; protobuf's parser reads
+    fields in any order). The reply's expected tensors decode as views of their bytes;
+    a reply laid out otherwise is decoded in full, as compute_request's calls are.
+    """
+
+    head: bytes
+    prefixes: tuple[bytes, ...]  # in stream order
+    order: tuple[int, ...]  # for each prefix, the index of its array in compute_call's arrays
+    input_bytes: int
+    output_bytes: int
+    # (name, wire dtype, shape, dtype, bytes) of each reply tensor; "output" alone is the
+    # reply's `output` field (the result an array), else its `outputs` (a dict by name).
+    outputs: tuple[tuple[str, int, list[int], np.dtype, int], ...]
+    unpack: int | None
+
+    def wire(self, arrays: Sequence[np.ndarray]) -> bytes:
+        """The serialized ComputeRequest with these arrays' bytes."""
+        parts: list[Any] = [self.head]
+        for prefix, i in zip(self.prefixes, self.order, strict=True):
+            array = arrays[i]
+            parts += (prefix, array if array.flags.c_contiguous else np.ascontiguousarray(array))
+        return b"".join(parts)
+
+    def result(self, reply: hessd_pb2.ComputeResponse) -> np.ndarray | dict[str, np.ndarray]:
+        if self.outputs[0][0] == "output" and len(self.outputs) == 1:
+            if not reply.outputs and not reply.HasField("sparsity"):
+                array = _view(reply.output, self.outputs[0])
+                if array is not None:
+                    return array if self.unpack is None else unpack_triangles(array, self.unpack)
+        elif len(reply.outputs) == len(self.outputs) and not reply.HasField("output"):
+            arrays = {}
+            for named, expected in zip(reply.outputs, self.outputs, strict=True):
+                if named.name != expected[0] or (array := _view(named.tensor, expected)) is None:
+                    break
+                arrays[named.name] = array
+            else:
+                if not reply.HasField("sparsity"):
+                    return arrays
+        return _decoded(reply, self.unpack)
+
+
+def _view(
+    tensor: hessd_pb2.Tensor, expected: tuple[str, int, list[int], np.dtype, int]
+) -> np.ndarray | None:
+    """A read-only view of the tensor's bytes if it is laid out as expected, else None."""
+    _, wire_dtype, shape, dtype, nbytes = expected
+    if tensor.dtype != wire_dtype or tensor.shape != shape:
+        return None
+    data = tensor.data
+    if len(data) != nbytes:
+        return None
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedCall:
+    """A unary Compute call from a plan: its request's wire bytes, and the plan that
+    decodes its reply."""
+
+    wire: bytes
+    plan: ComputePlan
+
+    def result(self, reply: hessd_pb2.ComputeResponse) -> np.ndarray | dict[str, np.ndarray]:
+        return self.plan.result(reply)
+
+
+def compute_call(
+    f: Function, kind: str, points: Points, options: Mapping[str, Any], stream_threshold: int
+) -> PlannedCall | ComputeCall:
+    """The call behind Client.compute and AsyncClient.compute: planned when a call of the
+    same key was answered before, its arrays need no conversion and it travels in one
+    message; else compute_request's, which keeps a plan once answered, where it may."""
+    key, given = _plan_key(f, kind, points, options)
+    if key is None:
+        return compute_request(f, kind, points, **options)
+    try:
+        plan = f._plans.get(key)
+    except TypeError:  # an option's value is unhashable: such calls are not planned
+        plan = None
+        key = None
+    if plan is not None and max(plan.input_bytes, plan.output_bytes) <= stream_threshold:
+        return PlannedCall(plan.wire(given), plan)
+    # The arrays as _plan_key made them, so that none is converted twice (np.asarray of a
+    # JAX array on a GPU is a transfer); compute_request would make the same of them.
+    names = _names_given(points)
+    points = given[0] if names is None else dict(zip(names, given, strict=False))
+    if options.get("vector") is not None:
+        options = {**options, "vector": given[-1]}
+    call = compute_request(f, kind, points, **options)
+    if key is not None and not call.handles and call.sparse_format is None:
+        call.plan_key, call.given, call.plans = key, given, f._plans
+    return call
+
+
+def _names_given(points: Points) -> tuple[str, ...] | None:
+    """The input names of points given as a dict, in its order; None for one array."""
+    return tuple(points) if type(points) is dict else None
+
+
+def _plan_key(
+    f: Function, kind: str, points: Points, options: Mapping[str, Any]
+) -> tuple[tuple | None, list[np.ndarray]]:
+    """The key of a call that a plan may serve (its kind, options as passed, input names
+    given and arrays' shapes) and its arrays: the points (in the order given), then the
+    vector, each as np.asarray makes it. (None, []) where no plan may serve it: anything
+    but arrays of f's dtype (lists, handles and other dtypes are converted or checked by
+    compute_request), a data set."""
+    if options.get("data") is not None:
+        return None, []
+    names = _names_given(points)
+    values = [points] if names is None else list(points.values())
+    vector = options.get("vector")
+    if vector is not None:
+        values.append(vector)
+    arrays = []
+    for value in values:
+        if type(value) is not np.ndarray:
+            # What compute_request's np.asarray makes of an array of another library.
+            if isinstance(value, Handle) or getattr(value, "dtype", None) != f.dtype:
+                return None, []
+            value = np.asarray(value)
+        if value.dtype != f.dtype:
+            return None, []
+        arrays.append(value)
+    settings = tuple(
+        (name, tuple(value) if type(value) is list else value)
+        for name, value in options.items()
+        if name != "vector"
+    )
+    return (kind, names, tuple(a.shape for a in arrays), settings), arrays
+
+
+def _plan_of(call: ComputeCall, reply: hessd_pb2.ComputeResponse) -> ComputePlan | None:
+    """The plan of an answered unary call, or None if its request is not the caller's
+    arrays' bytes as they are (converted, or another byte order) or it has an objective."""
+    request = call.request
+    if request.HasField("objective") or call.plan_key is None:
+        return None
+    given = call.given
+    names = call.plan_key[1] or [t.name for t in request.inputs]
+    order = [names.index(t.name) for t in request.inputs]
+    tensors = [t.tensor for t in request.inputs]
+    if request.HasField("vector"):
+        order.append(len(given) - 1)
+        tensors.append(request.vector)
+    if len(order) != len(given) or any(
+        given[i].tobytes() != tensor.data for i, tensor in zip(order, tensors, strict=True)
+    ):
+        return None
+    head = hessd_pb2.ComputeRequest()
+    head.CopyFrom(request)
+    head.ClearField("inputs")
+    head.ClearField("vector")
+    prefixes = []
+    for named in request.inputs:
+        rest = hessd_pb2.NamedTensor()
+        rest.CopyFrom(named)
+        rest.ClearField("tensor")
+        tensor, length = _tensor_prefix(named.tensor)
+        body = rest.SerializeToString() + _TENSOR + _varint(length) + tensor
+        prefixes.append(_INPUTS + _varint(len(body) + len(named.tensor.data)) + body)
+    if request.HasField("vector"):
+        tensor, length = _tensor_prefix(request.vector)
+        prefixes.append(_VECTOR + _varint(length) + tensor)
+    outputs = tuple(
+        (
+            what,
+            tensor.dtype,
+            list(tensor.shape),
+            codec.dtype_from_proto(tensor.dtype),
+            len(tensor.data),
+        )
+        for what, tensor in stream.tensors(reply)
+    )
+    if not outputs or any(what.startswith("sparsity") for what, *_ in outputs):
+        return None
+    return ComputePlan(
+        head=head.SerializeToString(),
+        prefixes=tuple(prefixes),
+        order=tuple(order),
+        input_bytes=call.input_bytes,
+        output_bytes=call.output_bytes,
+        outputs=outputs,
+        unpack=call.unpack,
+    )
+
+
+def _tag(message: Any, field: str) -> bytes:
+    """The wire key of a length-delimited field of a message type (wire type 2)."""
+    return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
+
+
+def _varint(value: int) -> bytes:
+    """`value` as a protobuf varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_INPUTS = _tag(hessd_pb2.ComputeRequest, "inputs")
+_VECTOR = _tag(hessd_pb2.ComputeRequest, "vector")
+_TENSOR = _tag(hessd_pb2.NamedTensor, "tensor")
+_DATA = _tag(hessd_pb2.Tensor, "data")
+
+
+def _tensor_prefix(tensor: hessd_pb2.Tensor) -> tuple[bytes, int]:
+    """The wire bytes of `tensor` up to its data (its other fields, then the data's key
+    and length), and the length of the whole tensor with its data."""
+    rest = hessd_pb2.Tensor()
+    rest.CopyFrom(tensor)
+    rest.ClearField("data")
+    prefix = rest.SerializeToString() + _DATA + _varint(len(tensor.data))
+    return prefix, len(prefix) + len(tensor.data)
 
 
 def compute_request(
