@@ -33,7 +33,7 @@ import functools
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
@@ -95,6 +95,8 @@ class _Gathering:
 
     waiters: list[_Waiter]
     points: int
+    quick: Callable[[Sequence[np.ndarray]], bool] | None = None
+    timed: Callable[[float, int], None] | None = None
     timer: asyncio.Handle | None = None
     departed: bool = False
 
@@ -226,9 +228,20 @@ class Batcher:
         *,
         executor: Executor,
         is_active: Callable[[], bool] = lambda: True,
+        key: Hashable | None = None,
+        quick: Callable[[Sequence[np.ndarray]], bool] | None = None,
+        timed: Callable[[float, int], None] | None = None,
     ) -> Output:
         """run() for a caller on the event loop: the same result, errors and limits, with
-        the engine called on `executor`. Concurrent callers of one key share a call."""
+        the engine called on `executor`. Concurrent callers of one key share a call.
+
+        key: stands for (program, request, per-point shapes and dtypes) when the caller
+            has one (the fast path's plan); the shared inputs' digests are added to it.
+        quick: asked with a batch's args as it departs; True runs the engine right there on
+            the loop, which saves two thread hand-offs and is for calls known to be short
+            and compiled (Engine.compiled).
+        timed: told the seconds each engine call of the batch took, and its points.
+        """
         loop = asyncio.get_running_loop()
         points = _points(request, args)
         with self._lock:
@@ -237,7 +250,7 @@ class Batcher:
             return await loop.run_in_executor(
                 executor, self._run_alone, program, request, args, points, is_active
             )
-        key = _key(program, request, args)
+        key = _key(program, request, args, key)
         with self._lock:
             if self._queued + points > self.max_queue:
                 self.stats.rejected += 1
@@ -249,7 +262,7 @@ class Batcher:
             self._depart(key, gathering, program, request, executor)
             gathering = None
         if gathering is None:
-            gathering = _Gathering([], 0)
+            gathering = _Gathering([], 0, quick, timed)
             self._gathering[key] = gathering
             if key in self._computing_async:
                 # Wait for the batch computing (its end sends this one off), or max_delay_s.
@@ -269,7 +282,7 @@ class Batcher:
 
     def _depart(
         self,
-        key: tuple,
+        key: Hashable,
         gathering: _Gathering,
         program: Program,
         request: EngineRequest,
@@ -310,25 +323,46 @@ class Batcher:
             with self._lock:
                 self._queued -= gathering.points
             return
-        self._computing_async[key] = self._computing_async.get(key, 0) + 1
         args = _concatenate(request, [w.args for w in active])
-        computing = asyncio.get_running_loop().run_in_executor(
-            executor,
-            functools.partial(
-                self.engine.run,
-                program,
-                request,
-                args,
-                is_active=lambda: any(w.is_active() for w in active),
-            ),
+        run = functools.partial(
+            self._timed_run,
+            program,
+            request,
+            args,
+            lambda: any(w.is_active() for w in active),
+            gathering.timed,
         )
+        if gathering.quick is not None and gathering.quick(args):
+            try:
+                result = run()
+            except Exception as e:
+                self._answer(gathering, active, None, e)
+            else:
+                self._answer(gathering, active, result, None)
+            return
+        self._computing_async[key] = self._computing_async.get(key, 0) + 1
+        computing = asyncio.get_running_loop().run_in_executor(executor, run)
         computing.add_done_callback(
             functools.partial(self._computed, key, gathering, active, program, request, executor)
         )
 
+    def _timed_run(
+        self,
+        program: Program,
+        request: EngineRequest,
+        args: Sequence[np.ndarray],
+        is_active: Callable[[], bool],
+        timed: Callable[[float, int], None] | None,
+    ) -> Output:
+        start = time.perf_counter()
+        result = self.engine.run(program, request, args, is_active=is_active)
+        if timed is not None:
+            timed(time.perf_counter() - start, _points(request, args))
+        return result
+
     def _computed(
         self,
-        key: tuple,
+        key: Hashable,
         gathering: _Gathering,
         active: list[_Waiter],
         program: Program,
@@ -336,9 +370,7 @@ class Batcher:
         executor: Executor,
         computing: asyncio.Future,
     ) -> None:
-        """Hand each waiter its rows (or the call's exception); send the next batch off."""
-        with self._lock:
-            self._queued -= gathering.points
+        """Answer a batch computed on the executor; send the next batch of its key off."""
         self._computing_async[key] -= 1
         if not self._computing_async[key]:
             del self._computing_async[key]
@@ -346,12 +378,25 @@ class Batcher:
             if waiting is not None:
                 self._depart(key, waiting, program, request, executor)
         error = computing.exception()
+        self._answer(gathering, active, None if error else computing.result(), error)
+
+    def _answer(
+        self,
+        gathering: _Gathering,
+        active: list[_Waiter],
+        result: Output | None,
+        error: BaseException | None,
+    ) -> None:
+        """Hand each waiter its rows, or the call's exception."""
+        with self._lock:
+            self._queued -= gathering.points
         if error is not None:
             for waiter in active:
                 if not waiter.future.done():
                     waiter.future.set_exception(error)
             return
-        for waiter, rows in zip(active, _split(computing.result(), active), strict=True):
+        assert result is not None
+        for waiter, rows in zip(active, _split(result, active), strict=True):
             if not waiter.future.done():
                 waiter.future.set_result(rows)
 
@@ -475,14 +520,22 @@ def _points(request: EngineRequest, args: Sequence[np.ndarray]) -> int:
     return next(a for i, a in enumerate(args) if i not in request.shared).shape[0]
 
 
-def _key(program: Program, request: EngineRequest, args: Sequence[np.ndarray]) -> tuple:
+def _key(
+    program: Program,
+    request: EngineRequest,
+    args: Sequence[np.ndarray],
+    prefix: Hashable | None = None,
+) -> tuple:
     """What must be equal for two requests to share a call: the engine's cache key without
-    the bucket, plus a digest of every shared input, so different parameters never mix."""
+    the bucket (or a `prefix` that stands for it), plus a digest of every shared input, so
+    different parameters never mix."""
     signature: list[tuple[object, ...]] = []
     for i, a in enumerate(args):
         if i in request.shared:
             digest = hashlib.blake2b(np.ascontiguousarray(a).data, digest_size=16).digest()
             signature.append((a.shape, a.dtype, digest))
-        else:
+        elif prefix is None:
             signature.append((a.shape[1:], a.dtype))
+    if prefix is not None:
+        return prefix, tuple(signature)
     return program.function_id, request, tuple(signature)

@@ -194,6 +194,22 @@ class Engine:
             return request.on_host(chunks[0])
         return request.on_host(jax.tree.map(lambda *parts: np.concatenate(parts), *chunks))
 
+    def compiled(
+        self, program: Program, request: EngineRequest, args: Sequence[np.ndarray]
+    ) -> bool:
+        """Whether run(program, request, args) is one call of an executable already
+        compiled: it would neither compile nor split the points into chunks."""
+        batched = [i not in request.shared for i in range(len(args))]
+        batch = next(a for a, b in zip(args, batched, strict=True) if b).shape[0]
+        limit = request.max_chunk(program)
+        if batch == 0 or batch > self.max_bucket or (limit is not None and batch > limit):
+            return False
+        bucket = max(bucket_for(batch, self.max_bucket), len(self.devices))
+        signature = tuple(
+            (a.shape[1:] if b else a.shape, a.dtype, b) for a, b in zip(args, batched, strict=True)
+        )
+        return (program.function_id, request, signature, bucket) in self._cache
+
     def _run_chunk(
         self,
         program: Program,

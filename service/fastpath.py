@@ -25,7 +25,7 @@ from hessd.proto.v1 import hessd_pb2
 from hessd.service.engine import EngineRequest
 from hessd.service.program import Program
 
-__all__ = ["Plan", "Plans", "key"]
+__all__ = ["QUICK_SECONDS", "Plan", "Plans", "key"]
 
 # The ComputeRequest fields `key` reads. A field added to the message must be added here,
 # or to the ones that keep a request off the fast path (tests/test_fastpath.py checks).
@@ -87,10 +87,15 @@ def key(request: hessd_pb2.ComputeRequest) -> tuple | None:
     )
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+# The longest an engine call may be expected to take to run on the event loop itself.
+QUICK_SECONDS = 0.002
+
+
+@dataclasses.dataclass(eq=False)
 class Plan:
     """How to run a request of one key: its program and engine request, and for each
-    input of the request (in the request's order) its position among the engine's args."""
+    input of the request (in the request's order) its position among the engine's args;
+    and how long its last engine call took, for how many points."""
 
     program: Program
     task: EngineRequest
@@ -98,6 +103,15 @@ class Plan:
     shared: frozenset[int]
     vector: bool
     point_bytes: int  # of one point's result
+    seconds: float = math.inf
+    points: int = 1
+
+    def timed(self, seconds: float, points: int) -> None:
+        self.seconds, self.points = seconds, points
+
+    def expected_seconds(self, points: int) -> float:
+        """The last engine call's time, scaled to `points` (never below it)."""
+        return self.seconds * max(1.0, points / self.points)
 
     def decode(self, request: hessd_pb2.ComputeRequest) -> tuple[list[np.ndarray], int] | None:
         """The engine's args (views of the request's bytes) and the number of points, or

@@ -247,6 +247,14 @@ class _Calls:
                 return await self._planned(plan, request, *decoded, context)
         return await in_thread(self.workers, self.servicer.Compute, request, context)
 
+    def _quick(self, plan: fastpath.Plan, args: Sequence[np.ndarray]) -> bool:
+        """Whether a batch of `plan` is short enough to run on the loop: compiled, and
+        its last call took under fastpath.QUICK_SECONDS for as many points."""
+        points = next(a for i, a in enumerate(args) if i not in plan.task.shared).shape[0]
+        if plan.expected_seconds(points) > fastpath.QUICK_SECONDS:
+            return False
+        return self.servicer.engine.compiled(plan.program, plan.task, args)
+
     def _registered(self, plan: fastpath.Plan) -> bool:
         try:
             return self.servicer.registry.get(plan.program.function_id) is plan.program
@@ -280,7 +288,14 @@ class _Calls:
             held = servicer.admit(sum(a.nbytes for a in args) + nbytes)
             try:
                 result = await servicer.batcher.run_async(
-                    plan.program, plan.task, args, executor=self.device, is_active=is_active
+                    plan.program,
+                    plan.task,
+                    args,
+                    executor=self.device,
+                    is_active=is_active,
+                    key=plan,
+                    quick=functools.partial(self._quick, plan),
+                    timed=plan.timed,
                 )
             except Cancelled:
                 elapsed = time.perf_counter() - start
@@ -390,10 +405,11 @@ class Router(grpc.GenericRpcHandler):
         tokens: Tokens,
         draining: Callable[[], bool],
     ):
-        self.handlers = handlers
+        self.handlers = {method: self._counted(h) for method, h in handlers.items()}
         self.tokens = tokens
         self.draining = draining
         self.in_flight = InFlight()
+        self.active = 0  # calls of these methods in flight: what a drain waits for
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -413,6 +429,38 @@ class Router(grpc.GenericRpcHandler):
         if principal.max_concurrent is None:
             return handler
         return self._bounded(handler, principal)
+
+    def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler`, counted in `active` for as long as it runs."""
+        options = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.stream_stream is not None:
+            streaming = handler.stream_stream
+
+            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                self.active += 1
+                try:
+                    async for message in streaming(requests, context):
+                        yield message
+                finally:
+                    self.active -= 1
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
+        behavior = handler.unary_unary or handler.stream_unary
+        assert behavior is not None  # hessd has no server-streaming methods
+
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self.active += 1
+            try:
+                return await behavior(request, context)
+            finally:
+                self.active -= 1
+
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(counted, **options)
+        return grpc.unary_unary_rpc_method_handler(counted, **options)
 
     def _bounded(
         self, handler: grpc.RpcMethodHandler, principal: Principal

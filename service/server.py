@@ -175,7 +175,14 @@ class HessdServer:
 
     async def _stop(self, grace: float | None) -> None:
         try:
-            await self._server.stop(grace)
+            # New calls are refused (UNAVAILABLE) from the router while those in flight
+            # finish; the server itself stops only then, or when the grace ends, since a
+            # stopping grpc.aio server answers even new calls on open connections CANCELLED.
+            loop = asyncio.get_running_loop()
+            end = loop.time() + (grace or 0.0)
+            while self._router.active and loop.time() < end:
+                await asyncio.sleep(0.02)
+            await self._server.stop(None)  # cancels what is still running
             # Handlers the stop cancelled end here, before the loop does.
             current = asyncio.current_task()
             pending = [task for task in asyncio.all_tasks() if task is not current]
