@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -129,12 +131,18 @@ def measure(
 
 
 async def concurrent_rates(
-    address: str, echo: str, pids: Mapping[str, int], w: Workload, wire: Wire, rounds: int
+    address: str,
+    echoes: Mapping[str, str],
+    pids: Mapping[str, int],
+    w: Workload,
+    wire: Wire,
+    rounds: int,
 ) -> dict[str, dict[str, list[float]]]:
-    """Per method ("service": AsyncClient against hessd, "floor": raw grpc.aio unary calls
-    against the echo server, pids[method] its server's process): requests/s and CPU µs per
-    call of the client process and of the server process, with CONCURRENCY calls in flight,
-    CALLS_PER_ROUND calls per round, rounds alternated."""
+    """Per method ("service": AsyncClient against hessd; "floor", "floor_aio": raw grpc.aio
+    unary calls against the echo servers of those names, pids[method] its server's
+    process): requests/s and CPU µs per call of the client process and of the server
+    process, with CONCURRENCY calls in flight, CALLS_PER_ROUND calls per round, rounds
+    alternated."""
 
     async def closed_loop(call: Callable[[], Awaitable[object]], server_pid: int) -> dict:
         remaining = CALLS_PER_ROUND
@@ -155,15 +163,17 @@ async def concurrent_rates(
             "server_cpu_us": 1e6 * (cpu_seconds(server_pid) - server_cpu) / CALLS_PER_ROUND,
         }
 
-    async with (
-        AsyncClient(address, timeout=600) as client,
-        echo_channel(echo, grpc.aio) as channel,
-    ):
-        unary = channel.unary_unary(COMPUTE)
-        methods = {
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(AsyncClient(address, timeout=600))
+        methods: dict[str, Callable[[], Awaitable[object]]] = {
             "service": lambda: client.compute(w.function, w.kind, w.points, **w.options),
-            "floor": lambda: unary(wire.request[0], metadata=wire.metadata, timeout=600),
         }
+        for name, echo in echoes.items():
+            channel = await stack.enter_async_context(echo_channel(echo, grpc.aio))
+            unary = channel.unary_unary(COMPUTE)
+            methods[name] = functools.partial(
+                unary, wire.request[0], metadata=wire.metadata, timeout=600
+            )
         found: dict[str, dict[str, list[float]]] = {
             name: collections.defaultdict(list) for name in methods
         }
@@ -177,13 +187,19 @@ async def concurrent_rates(
 
 
 def measure_concurrent(
-    w: Workload, address: str, echo: str, pids: Mapping[str, int], threshold: int, rounds: int
+    w: Workload,
+    address: str,
+    echoes: Mapping[str, str],
+    pids: Mapping[str, int],
+    threshold: int,
+    rounds: int,
 ) -> dict[str, Any]:
     """The single-point workload `w` at CONCURRENCY calls in flight: requests/s of the
-    service against the raw unary rate of the same bytes, medians over `rounds`."""
+    service against the raw unary rate of the same bytes (to each echo server), medians
+    over `rounds`. The ratio and target are against "floor", the faster server model."""
     wire = wire_of(w.function, w.kind, w.points, w.options, threshold)
     load = os.getloadavg()[0]
-    found = asyncio.run(concurrent_rates(address, echo, pids, w, wire, rounds))
+    found = asyncio.run(concurrent_rates(address, echoes, pids, w, wire, rounds))
     row = {
         "name": w.name,
         "workload": f"{w.label}, {CONCURRENCY} in flight",
@@ -200,5 +216,7 @@ def measure_concurrent(
         },
     }
     row["ratio"] = row["service_per_s"] / row["floor_per_s"]
+    if "floor_aio_per_s" in row:
+        row["ratio_vs_aio_floor"] = row["service_per_s"] / row["floor_aio_per_s"]
     row["target"] = verdict(row["ratio"], THROUGHPUT_TARGET, lower_is_better=False)
     return row

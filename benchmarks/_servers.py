@@ -12,6 +12,7 @@ script, this file is that server (start_echo_server runs it so).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import functools
 import importlib.metadata
@@ -20,8 +21,9 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 
@@ -61,10 +63,11 @@ def _hessd() -> list[str]:
     ]
 
 
-def start_echo_server(workers: int) -> tuple[subprocess.Popen, str]:
+def start_echo_server(workers: int, aio: bool = False) -> tuple[subprocess.Popen, str]:
     """The echo server on a free loopback port: (process, "host:port"). The caller
     terminates the process."""
     args = [sys.executable, __file__, "--port", "0", "--workers", str(workers)]
+    args += ["--aio"] if aio else []
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stderr:
@@ -74,10 +77,11 @@ def start_echo_server(workers: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the echo server exited before listening:\n" + "".join(lines))
 
 
-def serve_echo(port: int, workers: int) -> None:
+def serve_echo(port: int, workers: int, aio: bool = False) -> None:
     """Serve the echo on 127.0.0.1:`port` until killed; prints `listening on HOST:PORT` on
-    stderr once serving. Same server model as hessd's (grpc.server over a thread pool of
-    `workers`), with no interceptor and no handler work."""
+    stderr once serving: a grpc.server over a thread pool of `workers` (the faster of the
+    two for small calls, measured), or with `aio` a grpc.aio server, hessd's model; no
+    interceptor and no handler work either way."""
 
     @functools.cache
     def zeros(size: int) -> bytes:
@@ -104,6 +108,9 @@ def serve_echo(port: int, workers: int) -> None:
         for size in sizes(context):
             yield zeros(size)
 
+    if aio:
+        asyncio.run(_serve_echo_aio(port, zeros, sizes))
+        return
     handler = grpc.method_handlers_generic_handler(
         ECHO_SERVICE,
         {
@@ -122,12 +129,43 @@ def serve_echo(port: int, workers: int) -> None:
     server.wait_for_termination()
 
 
+async def _serve_echo_aio(
+    port: int, zeros: Callable[[int], bytes], sizes: Callable[[Any], list[int]]
+) -> None:
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        (size,) = sizes(context)
+        return zeros(size)
+
+    async def bidirectional(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            pass
+        for size in sizes(context):
+            yield zeros(size)
+
+    handler = grpc.method_handlers_generic_handler(
+        ECHO_SERVICE,
+        {
+            "Compute": grpc.unary_unary_rpc_method_handler(unary),
+            "ComputeStream": grpc.stream_stream_rpc_method_handler(bidirectional),
+        },
+    )
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    await server.wait_for_termination()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="the raw gRPC echo server (transport floor)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--aio", action="store_true", help="a grpc.aio server")
     args = parser.parse_args()
-    serve_echo(args.port, args.workers)
+    serve_echo(args.port, args.workers, args.aio)
 
 
 if __name__ == "__main__":

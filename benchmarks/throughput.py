@@ -20,7 +20,10 @@ would score 1. Also printed: the mean CPU time per call of this process and of t
 process (from /proc, in 10 ms clock ticks summed over the rounds: coarse for short calls).
 
 The single-point gradient is also driven at concurrency 64 (AsyncClient, 64 calls in
-flight, against 64 raw grpc.aio unary calls in flight for the floor). The Hessian and
+flight, against 64 raw grpc.aio unary calls in flight for the floor). That row has two
+floors: the echo server above (a grpc.server over threads, the faster server model for
+small calls on this machine, which the target is judged against) and the same echo on a
+grpc.aio server, hessd's own model. The Hessian and
 Jacobian workloads are also timed in-process with PyTorch's torch.func, 2 threads, same
 float32 data: vmap(hessian) and vmap(jacrev(jacrev)), vmap(jacrev). A method whose
 warm-up call takes over 5 s (torch's vmap(hessian)) is timed in 2 rounds only.
@@ -155,6 +158,12 @@ def print_tables(rows: list[dict], rates: list[dict], phase_rows: dict) -> None:
                 f"{r['service_client_cpu_us']:.0f} + {r['service_server_cpu_us']:.0f}, "
                 f"floor {r['floor_client_cpu_us']:.0f} + {r['floor_server_cpu_us']:.0f}"
             )
+            if "ratio_vs_aio_floor" in r:
+                print(
+                    f"  against a grpc.aio echo server (hessd's model): "
+                    f"{r['floor_aio_per_s']:.0f}/s, ratio {r['ratio_vs_aio_floor']:.2f}; CPU "
+                    f"{r['floor_aio_client_cpu_us']:.0f} + {r['floor_aio_server_cpu_us']:.0f}"
+                )
     peers = [r for r in rows if "service_over_fastest_torch" in r]
     if peers:
         print()
@@ -213,6 +222,8 @@ def main() -> None:
     started = time.perf_counter()
     proc, address, _ = start_server(*SERVER_FLAGS)
     echo_proc, echo = start_echo_server(args.echo_workers)
+    # hessd's own server model, for the concurrency row: a second floor beside the first.
+    echo_aio_proc, echo_aio = start_echo_server(args.echo_workers, aio=True)
     floor = Floor(echo)
     rows: list[dict[str, Any]] = []
     rates: list[dict[str, Any]] = []
@@ -222,7 +233,8 @@ def main() -> None:
             client = stack.enter_context(Client(address, timeout=600))
             server = stack.enter_context(phase_server()) if args.phases else None
             info = client.server_info()
-            pids = {"service": proc.pid, "floor": echo_proc.pid}
+            pids = {"service": proc.pid, "floor": echo_proc.pid, "floor_aio": echo_aio_proc.pid}
+            echoes = {"floor": echo, "floor_aio": echo_aio}
             for name in WORKLOADS:
                 if name not in selected:
                     continue
@@ -231,7 +243,7 @@ def main() -> None:
                 if name == "gradient-c64":
                     rates.append(
                         measure_concurrent(
-                            w, address, echo, pids, client.stream_threshold, args.repeats
+                            w, address, echoes, pids, client.stream_threshold, args.repeats
                         )
                     )
                     continue
@@ -242,7 +254,7 @@ def main() -> None:
                     )
     finally:
         floor.close()
-        for p in (proc, echo_proc):
+        for p in (proc, echo_proc, echo_aio_proc):
             p.terminate()
             p.wait(timeout=30)
 

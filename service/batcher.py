@@ -156,8 +156,8 @@ class Batcher:
         self.observe_queue = observe_queue
         self._queued = 0
         # run_async's state, touched on the event loop's thread only.
-        self._gathering: dict[tuple, _Gathering] = {}
-        self._computing_async: dict[tuple, int] = {}
+        self._gathering: dict[Hashable, _Gathering] = {}
+        self._computing_async: dict[Hashable, int] = {}
 
     @property
     def queued(self) -> int:

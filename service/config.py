@@ -84,7 +84,14 @@ class ServerConfig:
     allow_jax_export: bool = _field(
         False, "accept jax_export specs: artifacts that run native code (see README)"
     )
-    workers: int = _field(16, "threads serving calls")
+    workers: int = _field(
+        16, "threads of each of the server's pools: the full path's calls, the device's batches"
+    )
+    reuse_port: bool = _field(
+        False,
+        "share the port with other processes (SO_REUSEPORT), as --processes does; without "
+        "it a port another server holds is an error",
+    )
     tls_cert: str | None = _field(None, "PEM certificate chain: serve TLS")
     tls_key: str | None = _field(None, "PEM private key of --tls-cert")
     tls_client_ca: str | None = _field(

@@ -21,6 +21,7 @@ import threading
 import numpy as np
 
 from hessd.proto import codec
+from hessd.proto.kinds import Kind
 from hessd.proto.v1 import hessd_pb2
 from hessd.service.engine import EngineRequest
 from hessd.service.program import Program
@@ -103,6 +104,7 @@ class Plan:
     shared: frozenset[int]
     vector: bool
     point_bytes: int  # of one point's result
+    label: str  # the kind, for the request log and metrics
     seconds: float = math.inf
     points: int = 1
 
@@ -170,7 +172,8 @@ class Plans:
         point_bytes = (
             sum(math.prod(shape) for shape in shapes) * task.result_dtype(program).itemsize
         )
-        plan = Plan(program, task, positions, shared, request.HasField("vector"), point_bytes)
+        kind = Kind.from_wire(request.kind).value
+        plan = Plan(program, task, positions, shared, request.HasField("vector"), point_bytes, kind)
         with self._lock:
             self._plans[request_key] = plan
             self._plans.move_to_end(request_key)

@@ -314,7 +314,10 @@ class _Calls:
         finally:
             if held:
                 servicer.release(held)
-            servicer.record("Compute", request, context, status, time.perf_counter() - start)
+            servicer.record_call(
+                "Compute", plan.label, batch, request.function_id, context, status,
+                time.perf_counter() - start,
+            )  # fmt: skip
         await context.abort(status, bounded(message))
         raise AssertionError("context.abort returned")
 

@@ -402,6 +402,8 @@ def child_argv(args: argparse.Namespace, index: int, port: int, fd: int) -> list
         value = getattr(args, field.name)
         if field.name == "port":
             value = port
+        elif field.name == "reuse_port":
+            value = True
         elif field.name == "metrics_port" and value:
             value += index
         if isinstance(value, bool):  # --flag, or --no-flag where the default is on

@@ -107,9 +107,15 @@ class HessdServer:
         self._router = Router(handlers, self.tokens, self._draining.is_set)
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._run_loop, name="hessd-loop", daemon=True).start()
-        self.port = self._call(self._bind(f"{config.host}:{config.port}", credentials))
-        if self.port == 0:
-            raise OSError(f"could not bind {config.host}:{config.port}")
+        try:
+            self.port = self._call(self._bind(f"{config.host}:{config.port}", credentials))
+            if self.port == 0:
+                raise OSError(f"could not bind {config.host}:{config.port}")
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._workers.shutdown(wait=False)
+            self._device.shutdown(wait=False)
+            raise
 
     def _run_loop(self) -> None:
         try:
@@ -125,6 +131,8 @@ class HessdServer:
             ("grpc.max_receive_message_length", config.max_request_bytes),
             # Room for the largest output plus its envelope.
             ("grpc.max_send_message_length", config.max_output_bytes + (1 << 20)),
+            # gRPC shares ports by default; hessd only when asked (--processes asks).
+            ("grpc.so_reuseport", int(config.reuse_port)),
         ]
         if config.max_connection_age_s:
             options.append(("grpc.max_connection_age_ms", 1000 * config.max_connection_age_s))
@@ -139,9 +147,12 @@ class HessdServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        if credentials is not None:
-            return self._server.add_secure_port(address, credentials)
-        return self._server.add_insecure_port(address)
+        try:
+            if credentials is not None:
+                return self._server.add_secure_port(address, credentials)
+            return self._server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc.aio's "Failed to bind to address …"
+            raise OSError(f"could not bind {address} (in use, or not this host's): {e}") from None
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run `coroutine` on the server's loop and wait for its result."""

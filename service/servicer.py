@@ -168,6 +168,7 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         self.tokens = tokens
         # What a repeated Compute needs, found by its first (service/fastpath.py).
         self.plans = fastpath.Plans()
+        self._request_level = logging.INFO if config.log_requests else logging.DEBUG
         self._inflight_budget = config.max_inflight_bytes or machine_memory() // 2
         self._inflight = 0
         self._inflight_lock = threading.Lock()
@@ -705,9 +706,22 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         function = getattr(request, "function_id", "") or (
             "inline" if method != "ServerInfo" else "-"
         )
+        self.record_call(method, kind, points, function, context, status, seconds)
+
+    def record_call(
+        self,
+        method: str,
+        kind: str,
+        points: int,
+        function: str,
+        context: grpc.ServicerContext,
+        status: grpc.StatusCode,
+        seconds: float,
+    ) -> None:
+        """record() with its fields known (the fast path knows them from its plan)."""
         # The line is opt-in (--log-requests logs it at INFO; otherwise it is DEBUG): at
         # thousands of small calls a second it cost more than the engine's share of a call.
-        level = logging.INFO if self.config.log_requests else logging.DEBUG
+        level = self._request_level
         if request_log.isEnabledFor(level):
             request_id = (
                 dict(context.invocation_metadata() or ()).get("x-request-id")

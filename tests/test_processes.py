@@ -262,8 +262,9 @@ def test_each_server_gets_the_supervisors_flags_and_its_own_metrics_port():
     child = parse(serve.child_argv(args, 2, 50123, 9)[4:])  # past `python -m ... serve`
     assert (child.processes, child.port, child.metrics_port) == (1, 50123, 9102)
     assert (child.supervisor_fd, child.grace, child.log_level) == (9, 7.5, "INFO")
+    assert child.reuse_port and not args.reuse_port  # the one port, shared on purpose
     for field in dataclasses.fields(ServerConfig):
-        if field.name not in ("port", "metrics_port"):
+        if field.name not in ("port", "metrics_port", "reuse_port"):
             assert getattr(child, field.name) == getattr(args, field.name), field.name
     assert parse(serve.child_argv(parse([]), 1, 1, 1)[4:]).metrics_port is None
     with pytest.raises(SystemExit):
@@ -275,3 +276,21 @@ def test_each_server_gets_a_share_of_gpu_memory_unless_the_user_set_it(monkeypat
     assert serve.child_environment(4)["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
     assert serve.child_environment(4)["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+
+
+def test_a_single_server_does_not_share_a_port_another_holds():
+    """gRPC sets SO_REUSEPORT by default, so a second server on a held port would quietly
+    share it; hessd shares only with --reuse-port (which --processes gives its servers)."""
+    from hessd.service.server import create_server
+
+    first, port = create_server(ServerConfig(host="127.0.0.1", port=0))
+    try:
+        with pytest.raises(OSError, match="could not bind"):
+            create_server(ServerConfig(host="127.0.0.1", port=port))
+    finally:
+        first.stop(None)
+    sharing = ServerConfig(host="127.0.0.1", port=0, reuse_port=True)
+    first, port = create_server(sharing)
+    second, _ = create_server(dataclasses.replace(sharing, port=port))
+    first.stop(None)
+    second.stop(None)
