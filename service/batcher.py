@@ -231,6 +231,7 @@ class Batcher:
         key: Hashable | None = None,
         quick: Callable[[Sequence[np.ndarray]], bool] | None = None,
         timed: Callable[[float, int], None] | None = None,
+        crowded: bool = False,
     ) -> Output:
         """run() for a caller on the event loop: the same result, errors and limits, with
         the engine called on `executor`. Concurrent callers of one key share a call.
@@ -241,14 +242,20 @@ class Batcher:
             the loop, which saves two thread hand-offs and is for calls known to be short
             and compiled (Engine.compiled).
         timed: told the seconds each engine call of the batch took, and its points.
+        crowded: other calls are in flight that may join: a new batch waits up to
+            max_delay_s for them (or until full) instead of leaving on the loop's next turn.
         """
         loop = asyncio.get_running_loop()
         points = _points(request, args)
         with self._lock:
             self.stats.requests += 1
+        if quick is not None and not crowded and quick(args):
+            # Short, compiled and alone: computed now, without suspending the call. On the
+            # event loop a suspension and resumption cost more than such an engine call.
+            return self._run_alone(program, request, args, points, is_active, timed)
         if self.max_delay_s == 0 or points > self.max_size or points == 0 or not request.coalesces:
             return await loop.run_in_executor(
-                executor, self._run_alone, program, request, args, points, is_active
+                executor, self._run_alone, program, request, args, points, is_active, timed
             )
         key = _key(program, request, args, key)
         with self._lock:
@@ -264,8 +271,9 @@ class Batcher:
         if gathering is None:
             gathering = _Gathering([], 0, quick, timed)
             self._gathering[key] = gathering
-            if key in self._computing_async:
-                # Wait for the batch computing (its end sends this one off), or max_delay_s.
+            if crowded or key in self._computing_async:
+                # Wait for company: the batch computing (its end sends this one off), full,
+                # or max_delay_s.
                 gathering.timer = loop.call_later(
                     self.max_delay_s, self._depart, key, gathering, program, request, executor
                 )
@@ -414,6 +422,7 @@ class Batcher:
         args: Sequence[np.ndarray],
         points: int,
         is_active: Callable[[], bool],
+        timed: Callable[[float, int], None] | None = None,
     ) -> Output:
         if not is_active():
             with self._lock:
@@ -422,7 +431,7 @@ class Batcher:
         with self._lock:
             self.stats.batches += 1
             self.stats.points += points
-        return self.engine.run(program, request, args, is_active=is_active)
+        return self._timed_run(program, request, args, is_active, timed)
 
     def _lead(self, key: tuple, program: Program, request: EngineRequest, batch: _Batch) -> None:
         """Wait for company, then compute the batch and answer every caller in it."""

@@ -180,10 +180,14 @@ def _threaded_handlers(
 
 
 def hessd_handlers(
-    servicer: HessdServicer, workers: Executor, device: Executor
+    servicer: HessdServicer,
+    workers: Executor,
+    device: Executor,
+    crowded: Callable[[], bool] = lambda: False,
 ) -> dict[str, grpc.RpcMethodHandler]:
     """hessd.v1.Hessd's handlers: Compute's fast path, the streams read on the loop, and
-    every other method on the worker threads."""
+    every other method on the worker threads. `crowded` says whether other calls are in
+    flight, so that a fast-path batch may wait for company."""
     from hessd.proto.v1 import hessd_pb2_grpc
 
     collector = Collector()
@@ -193,7 +197,7 @@ def hessd_handlers(
     plain = collector.resolve(methods)
     streamed = {f"/{service.full_name}/{name}" for name in ("ComputeStream", "PutStream")}
     handlers = _threaded_handlers({m: h for m, h in plain.items() if m not in streamed}, workers)
-    calls = _Calls(servicer, workers, device)
+    calls = _Calls(servicer, workers, device, crowded)
     compute = f"/{service.full_name}/Compute"
     handlers[compute] = grpc.unary_unary_rpc_method_handler(
         calls.compute,
@@ -225,8 +229,15 @@ def threaded_handlers(
 class _Calls:
     """The async behaviors of Compute and the two streams."""
 
-    def __init__(self, servicer: HessdServicer, workers: Executor, device: Executor):
+    def __init__(
+        self,
+        servicer: HessdServicer,
+        workers: Executor,
+        device: Executor,
+        crowded: Callable[[], bool],
+    ):
         self.servicer, self.workers, self.device = servicer, workers, device
+        self.crowded = crowded
         config = servicer.config
         # Streams being read at once (their buffers are allocated as the header declares).
         self._stream_limit = max(1, config.workers // 2)
@@ -296,6 +307,7 @@ class _Calls:
                     key=plan,
                     quick=functools.partial(self._quick, plan),
                     timed=plan.timed,
+                    crowded=self.crowded(),
                 )
             except Cancelled:
                 elapsed = time.perf_counter() - start

@@ -102,7 +102,9 @@ class HessdServer:
         self.metrics_port: int | None = None
         self._workers = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="hessd")
         self._device = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="hessd-device")
-        handlers = hessd_handlers(self.servicer, self._workers, self._device)
+        handlers = hessd_handlers(
+            self.servicer, self._workers, self._device, lambda: self._router.active > 1
+        )
         handlers.update(threaded_handlers(self.oip.add_to_server, oip.METHODS, self._workers))
         self._router = Router(handlers, self.tokens, self._draining.is_set)
         self._loop = asyncio.new_event_loop()

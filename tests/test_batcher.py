@@ -376,3 +376,79 @@ def test_limits_are_checked():
         Batcher(GatedEngine(), max_size=64, max_queue=8)
     with pytest.raises(ValueError, match="max_size"):
         Batcher(GatedEngine(), max_size=0)
+
+
+# run_async: the same batching for callers on one event loop (the server's fast path).
+
+
+def test_async_callers_that_arrive_together_share_one_call_and_get_their_rows():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = GatedEngine()
+    batcher = Batcher(engine, max_size=64, max_delay_s=0.01)
+    request = kinds.make_request(TANH, Kind.GRADIENT)
+    points = np.random.default_rng(0).normal(size=(12, 3))
+
+    async def main() -> list[np.ndarray]:
+        with ThreadPoolExecutor(2) as executor:
+            calls = [
+                batcher.run_async(TANH, request, [points[i : i + 1]], executor=executor,
+                                  crowded=True)
+                for i in range(12)
+            ]  # fmt: skip
+            return await asyncio.gather(*calls)
+
+    results = asyncio.run(main())
+    assert len(engine.calls) == 1 and engine.calls[0][0] == 12
+    for i, rows in enumerate(results):
+        allclose(rows, 2 * np.tanh(points[i : i + 1]) / np.cosh(points[i : i + 1]) ** 2)
+    assert batcher.stats.coalesced == 12 and batcher.queued == 0
+
+
+def test_async_quick_lone_caller_computes_at_once_on_the_loop():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = GatedEngine()
+    batcher = Batcher(engine, max_size=64, max_delay_s=0.01)
+    request = kinds.make_request(TANH, Kind.GRADIENT)
+    timings: list[tuple[float, int]] = []
+
+    async def main() -> np.ndarray:
+        with ThreadPoolExecutor(1) as executor:
+            return await batcher.run_async(
+                TANH, request, [np.ones((2, 3))], executor=executor,
+                quick=lambda args: True, timed=lambda s, n: timings.append((s, n)),
+            )  # fmt: skip
+
+    result = asyncio.run(main())
+    assert engine.calls[0][1] == threading.get_ident()  # this thread: the loop's
+    assert result.shape == (2, 3) and timings and timings[0][1] == 2
+
+
+def test_async_queue_limit_and_gone_callers():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = GatedEngine()
+    batcher = Batcher(engine, max_size=4, max_delay_s=0.01, max_queue=4)
+    request = kinds.make_request(TANH, Kind.GRADIENT)
+
+    async def main() -> list[object]:
+        with ThreadPoolExecutor(1) as executor:
+            calls = [
+                batcher.run_async(TANH, request, [np.ones((3, 3))], executor=executor,
+                                  crowded=True),
+                batcher.run_async(TANH, request, [np.ones((3, 3))], executor=executor,
+                                  crowded=True),
+                batcher.run_async(TANH, request, [np.ones((1, 3))], executor=executor,
+                                  crowded=True, is_active=lambda: False),
+            ]  # fmt: skip
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    first, second, gone = asyncio.run(main())
+    assert isinstance(first, np.ndarray) and first.shape == (3, 3)
+    assert isinstance(second, ResourceExhausted) and "--batch-max-queue" in str(second)
+    assert isinstance(gone, Cancelled)
+    assert batcher.stats.rejected == 1 and batcher.stats.dropped == 1 and batcher.queued == 0
