@@ -111,6 +111,16 @@ class ServerConfig:
         "programs of at least this many lines of StableHLO compile first in a supervised "
         "child process (needs --compile-cache-dir); 0: never",
     )
+    max_compile_lines: int = _field(
+        200_000,
+        "programs of more lines of StableHLO (after differentiation) are refused before "
+        "compiling: RESOURCE_EXHAUSTED; 0: no bound",
+    )
+    max_temp_bytes: int = _field(
+        0,
+        "an executable whose intermediates (XLA's memory analysis) need more bytes is refused "
+        "before it runs: RESOURCE_EXHAUSTED; 0: half the device's memory (RAM on the CPU)",
+    )
     max_compile_seconds: float = _field(
         300.0, "a supervised compile taking longer is killed: RESOURCE_EXHAUSTED"
     )

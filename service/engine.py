@@ -116,6 +116,8 @@ class Engine:
         cache_size: int = 256,
         devices: Sequence | None = None,
         guard: CompileGuard | None = None,
+        max_lines: int = 0,
+        max_temp_bytes: int = 0,
     ):
         if max_bucket < 1 or max_bucket & (max_bucket - 1):
             raise ValueError(f"max_bucket must be a power of two, got {max_bucket}")
@@ -131,6 +133,10 @@ class Engine:
         self.max_bucket = max(max_bucket, n)
         self.cache_size = cache_size
         self.guard = guard
+        # Bounds checked before a program compiles (its lines of StableHLO) and before an
+        # executable runs (the temporary bytes XLA's memory analysis reports); 0: none.
+        self.max_lines, self.max_temp_bytes = max_lines, max_temp_bytes
+        self._refused: collections.OrderedDict[tuple, ResourceExhausted] = collections.OrderedDict()
         self.stats = EngineStats()
         self._cache: collections.OrderedDict[tuple, jax.stages.Compiled] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -262,18 +268,48 @@ class Engine:
             executable = self._lookup(key)
             if executable is not None:
                 return executable
+            if key in self._refused:  # refused once: the same answer, without compiling
+                raise self._refused[key]
             key_lock = self._compiling.setdefault(key, threading.Lock())
         with key_lock:
             with self._lock:
                 executable = self._lookup(key, count=False)
             if executable is None:
-                executable = self._compile(program, request, signature, bucket)
+                try:
+                    executable = self._compile(program, request, signature, bucket)
+                except ResourceExhausted as e:
+                    with self._lock:
+                        self._refused[key] = e
+                        while len(self._refused) > self.cache_size:
+                            self._refused.popitem(last=False)
+                        self._compiling.pop(key, None)
+                    raise
                 with self._lock:
                     self._cache[key] = executable
                     while len(self._cache) > self.cache_size:
                         self._cache.popitem(last=False)
                     self._compiling.pop(key, None)
         return executable
+
+    def _check_memory(
+        self, executable: jax.stages.Compiled, request: EngineRequest, bucket: int
+    ) -> None:
+        """ResourceExhausted if the executable's intermediates need more than
+        max_temp_bytes (XLA's memory analysis of what it compiled)."""
+        if not self.max_temp_bytes:
+            return
+        try:
+            analysis = executable.memory_analysis()
+        except (NotImplementedError, jax.errors.JaxRuntimeError):
+            return  # a backend that does not say
+        temp = getattr(analysis, "temp_size_in_bytes", 0) if analysis is not None else 0
+        if temp > self.max_temp_bytes:
+            raise ResourceExhausted(
+                f"this computation ({request.label}, {bucket} points a chunk) needs {temp} "
+                f"bytes of intermediates by XLA's memory analysis, over this server's "
+                f"{self.max_temp_bytes} (--max-temp-bytes); send fewer points per call, or "
+                "use a kind that forms less (hvp instead of hessian, lanczos instead of exact)"
+            )
 
     def _lookup(self, key: tuple, count: bool = True) -> jax.stages.Compiled | None:
         executable = self._cache.get(key)
@@ -313,12 +349,22 @@ class Engine:
             warnings.simplefilter("ignore", RuntimeWarning)
             lowered = jitted.lower(*avals)
             supervised = 0.0
+            if self.guard is not None or self.max_lines:
+                lines = lowered.as_text().count("\n")
+                if self.max_lines and lines > self.max_lines:
+                    raise ResourceExhausted(
+                        f"this program is {lines} lines of StableHLO ({request.label}, "
+                        f"{bucket} points a chunk), over this server's bound of "
+                        f"{self.max_lines} (--max-compile-lines), which is refused before it "
+                        "compiles: split the work (fewer or simpler bindings; hvp, jvp or vjp "
+                        "instead of hessian or jacobian; a lower taylor order)"
+                    )
             if self.guard is not None:
                 # Large modules compile first in a supervised child (compile_guard.py);
                 # this compile then loads its result from the persistent cache.
-                lines = lowered.as_text().count("\n")
                 supervised = self.guard.check(program, request, signature, bucket, lines)
             executable = lowered.compile()
+        self._check_memory(executable, request, bucket)
         seconds = time.perf_counter() - start
         with self._lock:
             self.stats.compiles += 1

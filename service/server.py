@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hessd.proto.v1 import hessd_pb2
-from hessd.service import oip
+from hessd.service import curvature, oip
 from hessd.service.batcher import Batcher
 from hessd.service.compile_guard import CompileGuard
 from hessd.service.config import ServerConfig, machine_memory
@@ -73,6 +73,8 @@ class HessdServer:
             max_bucket=config.max_batch_bucket,
             cache_size=config.executable_cache_size,
             guard=guard,
+            max_lines=config.max_compile_lines,
+            max_temp_bytes=config.max_temp_bytes or curvature.device_memory_bytes() // 2,
         )
         batcher = Batcher(
             engine,

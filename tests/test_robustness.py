@@ -419,3 +419,39 @@ def test_bytes_in_flight_are_bounded():
             assert client.gradient(f, np.ones((100, 100))).shape == (100, 100)
     finally:
         server.stop(None)
+
+
+def test_a_program_over_the_line_bound_is_refused_before_it_compiles():
+    """--max-compile-lines bounds the StableHLO a call may compile (its size after
+    differentiation); a refused program is answered again without compiling."""
+    server, port = create_server(ServerConfig(port=0, workers=2, max_compile_lines=60))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            inputs = {"x": (4,), "W": (4, 4)}
+            f = client.register(_chain(6), inputs, dtype="float64")
+            points = {"x": np.full((1, 4), 0.1), "W": 0.1 * np.eye(4)[None]}
+            compiles = server.servicer.engine.stats.compiles
+            for _ in range(2):
+                with pytest.raises(ResourceExhausted, match="--max-compile-lines"):
+                    client.hessian(f, points)
+            assert server.servicer.engine.stats.compiles == compiles  # nothing compiled
+            small = client.register("sum(x)", {"x": (2,)}, dtype="float64")
+            assert client.value(small, np.ones((1, 2)))[0] == 2.0  # the server serves on
+    finally:
+        server.stop(None)
+
+
+def test_intermediates_over_the_memory_bound_are_refused_before_they_run():
+    """--max-temp-bytes bounds the intermediates XLA's memory analysis reports for an
+    executable; over it the call is RESOURCE_EXHAUSTED before anything runs."""
+    server, port = create_server(ServerConfig(port=0, workers=2, max_temp_bytes=4096))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            f = client.register("sum(tanh(x) ** 2) * sum(x ** 3)", {"x": (64,)}, dtype="float64")
+            with pytest.raises(ResourceExhausted, match="--max-temp-bytes"):
+                client.hessian(f, np.ones((8, 64)))
+            assert client.value(f, np.ones((1, 64))).shape == (1,)
+    finally:
+        server.stop(None)
