@@ -156,8 +156,8 @@ def coerce(array: object, dtype: np.dtype | str, what: str) -> np.ndarray:
         return array
     if array.dtype.kind not in "biuf":
         raise TensorError(f"{what} has dtype {array.dtype}, which is not numeric")
-    converted = array.astype(dtype)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # a value that changes is refused below
+        converted = array.astype(dtype)
         exact = np.array_equal(converted.astype(array.dtype), array, equal_nan=True)
     if not exact:
         raise TensorError(

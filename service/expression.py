@@ -386,6 +386,21 @@ def _literal_int(node: ast.expr) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def _in_floating_point(operand: _Eval) -> _Eval:
+    """`operand`, with an int (a literal, or exact arithmetic on literals) made a float.
+
+    Table functions, .T and indexing compute in floating point, as on the inputs: jnp would
+    hold a Python int as int64 and wrap silently (square(2**32) would be 0, abs(-2**63)
+    negative, (2**62).T * 4 zero).
+    """
+
+    def evaluate(env: list[Any]) -> Any:
+        value = operand(env)
+        return float(value) if type(value) is int else value
+
+    return evaluate
+
+
 class _Compiler:
     """Checks a size-checked module against the allowlist and turns it into closures.
 
@@ -586,10 +601,12 @@ class _Compiler:
                     "attribute access",
                     "only .T is; use transpose(x, axes=...) or reshape(x, shape) instead",
                 )
-            return self._apply(node, ".T", jnp.transpose, [self._expr(node.value)])
+            value = _in_floating_point(self._expr(node.value))
+            return self._apply(node, ".T", jnp.transpose, [value])
         if isinstance(node, ast.Subscript):
             index = self._index(node.slice)
-            return self._apply(node, "indexing", _checked_index(index), [self._expr(node.value)])
+            value = _in_floating_point(self._expr(node.value))
+            return self._apply(node, "indexing", _checked_index(index), [value])
         if isinstance(node, ast.Compare):
             raise self._refuse(
                 node, "comparison", "comparisons are only the first argument of where(cond, x, y)"
@@ -654,11 +671,11 @@ class _Compiler:
         if kind is ArgKind.CONDITION and isinstance(node, ast.Compare):
             return self._comparison(node)
         if kind in (ArgKind.ARRAY, ArgKind.CONDITION):
-            return self._expr(node)
+            return _in_floating_point(self._expr(node))
         if kind is ArgKind.ARRAYS:
             if not isinstance(node, ast.List | ast.Tuple) or not node.elts:
                 raise self._error(node, f"{what} must be {kind.value}, e.g. [a, b]")
-            elements = [self._expr(element) for element in node.elts]
+            elements = [_in_floating_point(self._expr(element)) for element in node.elts]
             return lambda env: [element(env) for element in elements]
         value = self._static(node, kind, what)
         return lambda env: value

@@ -1,7 +1,8 @@
 """The tensor codec under arbitrary input: `codec.decode` of arbitrary Tensor messages gives
 a view of the bytes or a TensorError, never another exception nor an allocation that grows
-with the declared shape; encode then decode of arbitrary numpy arrays is the identity.
-Strategies and profiles: fuzz_strategies.py.
+with the declared shape; encode then decode of arbitrary numpy arrays is the identity;
+`codec.coerce` converts points exactly or refuses. Strategies and profiles:
+fuzz_strategies.py.
 """
 
 from __future__ import annotations
@@ -92,6 +93,43 @@ _UNSENDABLE = [
 def test_encode_refuses_dtypes_the_wire_does_not_carry(array):
     with pytest.raises(codec.TensorError, match="cannot be sent"):
         codec.encode(array)
+
+
+# What a client may hand over as points, against the dtypes a function computes in: values
+# at and past the float32 range, NaN and Inf, ints past 2**53 and 2**24.
+_POINT_DTYPES = ["<f8", "<f4", "<f2", "<i8", "<i4", "<u8", "|b1"]
+_POINT_VALUES = [1e300, -1e300, 3.5e38, 1e-320, 2.0**53 + 2, 2**53 + 1, 2**64 - 1, 16_777_217]
+
+
+@st.composite
+def _points(draw) -> np.ndarray:
+    dtype = np.dtype(draw(st.sampled_from(_POINT_DTYPES)))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=3))
+    array = draw(hnp.arrays(dtype, shape))
+    if array.size and dtype.kind != "b" and draw(st.booleans()):
+        with np.errstate(all="ignore"):  # an edge value as this dtype holds it
+            edge = np.array(draw(st.sampled_from(_POINT_VALUES))).astype(dtype)
+        array.flat[draw(st.integers(0, array.size - 1))] = edge
+    return array
+
+
+@fuzz(300)
+@given(_points(), st.sampled_from([np.dtype("<f4"), np.dtype("<f8")]))
+def test_coerce_converts_exactly_or_refuses(array, dtype):
+    """An array converts to the function's dtype only when no value changes, else a
+    TensorError says which cast to make; never a numpy warning on the way (a float64 1e300
+    as float32 once warned 'overflow encountered in cast', an exception under -W error)."""
+    try:
+        converted = codec.coerce(array, dtype, "points")
+    except codec.TensorError as error:
+        assert "astype" in str(error), str(error)
+        event("refused")
+        return
+    assert converted.dtype == dtype and converted.shape == array.shape
+    with np.errstate(all="ignore"):
+        back = converted.astype(array.dtype)
+    np.testing.assert_array_equal(back, array)
+    event("converted")
 
 
 def test_decode_zero_size_shape_with_huge_dimensions():

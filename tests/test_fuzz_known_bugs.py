@@ -1,8 +1,9 @@
 """The bugs the fuzz suites found, one test each.
 
 A bug still open is a strict xfail, which starts failing (XPASS) once it is fixed, so that
-its exclusion from the generators (fuzz_strategies.py) can be dropped at the same time; a
-fixed one stays as a plain test of the fix.
+whatever keeps the generators away from it (said where it is, see fuzz_strategies.py) can
+be dropped at the same time; a fixed one stays as a plain test of the fix, named for what
+it checks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service.errors import InvalidArgument
 from hessd.service.expression import compile_expression
 
-from fuzz_strategies import _AVALS, _REFUSALS, _TIMEOUT, _spec
+from fuzz_strategies import _AVALS, _REFUSALS, _TIMEOUT, _artifact, _export_server, _spec
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def _compute(stub, source, inputs, kind, points, **fields) -> grpc.StatusCode:
     return _status(lambda: stub.Compute(request, timeout=_TIMEOUT))
 
 
-def test_output_literal_beyond_int64(stub):
+def test_output_literal_beyond_int64_is_refused(stub):
     with pytest.raises(InvalidArgument):
         jax.eval_shape(compile_expression("100000000000000000000", ["x"], {}), _AVALS[0])
     request = hessd_pb2.RegisterRequest(spec=_spec("100000000000000000000", {"x": (3,)}))
@@ -85,13 +86,13 @@ def test_output_literal_beyond_int64(stub):
     ("source", "dtype"),
     [("sum(x + 3.5e38)", hessd_pb2.FLOAT32), ("sum(x) + sum(softmax(0, axis=()))", 0)],
 )
-def test_runtime_warning_while_tracing(stub, source, dtype):
+def test_source_that_warns_while_tracing_is_answered(stub, source, dtype):
     spec = _spec(source, {"x": (3,)}, dtype or hessd_pb2.FLOAT64)
     request = hessd_pb2.RegisterRequest(spec=spec)
     assert _status(lambda: stub.Register(request, timeout=_TIMEOUT)) in _OK_OR_REFUSED
 
 
-def test_output_shape_beyond_int64(stub):
+def test_output_shape_beyond_int64_is_refused(stub):
     spec = _spec("diag(x, k=100000000000000000000000)", {"x": (3,)})
     request = hessd_pb2.RegisterRequest(spec=spec)
     assert _status(lambda: stub.Register(request, timeout=_TIMEOUT)) in _REFUSALS
@@ -132,7 +133,7 @@ def test_huge_intermediate_shape_does_not_kill_the_server():
     assert result.stdout.split()[-1] in {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, result.stdout
 
 
-def test_spectrum_seed_above_int63(stub):
+def test_spectrum_seed_above_int63_is_accepted(stub):
     request = hessd_pb2.SpectrumRequest(
         spec=_spec("sum(x**2)", {"x": (3,)}),
         inputs=[hessd_pb2.NamedTensor(name="x", tensor=codec.encode(np.ones((1, 3))))],
@@ -143,7 +144,7 @@ def test_spectrum_seed_above_int63(stub):
 
 
 @pytest.mark.parametrize("batch", [0, 1])
-def test_spectrum_of_a_variable_with_no_elements(stub, batch):
+def test_spectrum_of_a_variable_with_no_elements_is_invalid_argument(stub, batch):
     spec = _spec("sum(x)", {"x": (0,)})
     points = hessd_pb2.NamedTensor(name="x", tensor=codec.encode(np.ones((batch, 0))))
     for method in (hessd_pb2.EXACT, hessd_pb2.TRACE, hessd_pb2.DENSITY):
@@ -166,13 +167,13 @@ def test_trace_whose_working_set_cannot_be_allocated_is_resource_exhausted(stub)
     assert code in {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-def test_hessian_of_zero_points_of_a_huge_input(stub):
+def test_hessian_of_zero_points_of_a_huge_input_is_answered_or_refused(stub):
     points = hessd_pb2.Tensor(dtype=hessd_pb2.FLOAT64, shape=[0, 2**40])
     code = _compute(stub, "sum(x)", {"x": (2**40,)}, hessd_pb2.HESSIAN, points)
     assert code in _OK_OR_REFUSED
 
 
-def test_hessian_with_more_than_64_axes(stub):
+def test_hessian_with_more_than_64_axes_is_refused(stub):
     points = hessd_pb2.Tensor(dtype=hessd_pb2.FLOAT64, shape=[1] * 34, data=b"\0" * 8)
     code = _compute(stub, "sum(x)", {"x": (1,) * 33}, hessd_pb2.HESSIAN, points)
     assert code in _REFUSALS
@@ -184,3 +185,66 @@ def test_unparsable_request_is_invalid_argument(channel):
     )
     code = _status(lambda: call(b"\xff\xff\xff", timeout=_TIMEOUT))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("source", "value"),
+    [
+        ("square(4294967296)", 2.0**64),
+        ("abs(-9223372036854775807 - 1)", 2.0**63),
+        ("sum(stack([2**62, 2**62]))", 2.0**63),
+        ("maximum(2**62, 1) * 4", 2.0**64),
+        ("where(x > 0, 2**62, 1) * 4", 2.0**64),
+        ("(2**62).T * 4", 2.0**64),
+        ("(2**62)[()] * 4", 2.0**64),
+        ("power(2, 64)", 2.0**64),
+    ],
+)
+def test_integer_literals_in_table_functions_do_not_wrap(stub, source, value):
+    """Found by test_integer_literal_arithmetic_is_exact_or_refused: table functions, .T and
+    indexing took an int literal as jnp's int64, which wraps (square(2**32) was 0, abs(-2**63)
+    negative); they compute in floating point now, as on the inputs."""
+    request = hessd_pb2.ComputeRequest(
+        spec=_spec(f"x * 0 + {source}", {"x": ()}),
+        kind=hessd_pb2.VALUE,
+        inputs=[hessd_pb2.NamedTensor(name="x", tensor=codec.encode(np.ones(1)))],
+    )
+    output = codec.decode(stub.Compute(request, timeout=_TIMEOUT).output)
+    np.testing.assert_array_equal(output, [value])
+
+
+@pytest.fixture(scope="module")
+def export_stub():
+    with _export_server() as stub:
+        yield stub
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a jax_export artifact corrupted so that it still deserializes and passes "
+    "the module scan can fail only when its Hessian is compiled (one byte of the shape "
+    "assertion's attribute name flipped: 'Error refining shapes', a ValueError from "
+    "Lowered.compile), which the engine answers as INTERNAL. Registration could lower and "
+    "compile the artifact's modules (service/exported.py), or the engine could answer "
+    "compile failures of jax_export programs as INVALID_ARGUMENT (service/engine.py)",
+)
+def test_corrupted_artifact_that_deserializes_compiles_or_is_refused_known_bug(export_stub):
+    spec = hessd_pb2.FunctionSpec()
+    spec.CopyFrom(_artifact())
+    serialized = spec.jax_export.serialized
+    assert b"error_message" in serialized
+    spec.jax_export.serialized = serialized.replace(b"error_message", b"error_me\xf3sage", 1)
+    register = hessd_pb2.RegisterRequest(spec=spec)
+    assert _status(lambda: export_stub.Register(register, timeout=_TIMEOUT)) in _OK_OR_REFUSED
+    points = hessd_pb2.NamedTensor(name="x", tensor=codec.encode(np.ones((2, 3))))
+    for kind in (hessd_pb2.VALUE, hessd_pb2.GRADIENT, hessd_pb2.HESSIAN):
+        request = hessd_pb2.ComputeRequest(spec=spec, kind=kind, inputs=[points])
+        code = _status(lambda request=request: export_stub.Compute(request, timeout=_TIMEOUT))
+        assert code in _OK_OR_REFUSED, hessd_pb2.Kind.Name(kind)
+
+
+def test_coerce_of_a_value_past_float32_is_refused_without_a_warning():
+    """Found by test_coerce_converts_exactly_or_refuses: the cast that coerce checks warned
+    'overflow encountered in cast' first, an exception where warnings are errors."""
+    with pytest.raises(codec.TensorError, match="astype"):
+        codec.coerce(np.array([1e300]), np.float32, "points")

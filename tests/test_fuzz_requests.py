@@ -1,9 +1,17 @@
-"""Whole requests over the loopback socket: a result whose tensors decode, or a typed error.
+"""Whole requests over the loopback socket: a result whose tensors decode, or a typed error
+whose message fits the metadata limits; never INTERNAL.
 
 Random Compute, Register and Spectrum messages, ComputeStream calls whose chunks are cut
 anywhere (and whose stream is now and then malformed), and random or mutated bytes as the
-serialised request, against the session's in-process server; after each test a normal
-request still gets the right answer. Strategies and profiles: fuzz_strategies.py.
+serialised request, against the session's in-process server; Register also against one
+that accepts jax_export specs, with corrupted artifacts. Where the function is known, a
+spectrum's point classes are checked: a point whose variable is not finite is "undefined",
+a finite one is not. After each test a normal request still gets the right answer.
+Strategies and profiles: fuzz_strategies.py.
+
+Open bug kept away from: a corrupted artifact that still deserializes can fail to compile
+with INTERNAL (test_corrupted_artifact_that_deserializes_compiles_or_is_refused_known_bug),
+so artifacts reach a server that accepts them only in Register, which does not compile.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import math
 import grpc
 import numpy as np
 import pytest
-from hypothesis import assume, event, given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -26,12 +34,14 @@ from fuzz_strategies import (
     _REFUSALS,
     _TIMEOUT,
     _WIRE_DTYPES,
-    _hits_known_bug,
+    CHANNEL_OPTIONS,
+    HUGE_INTS,
+    _artifact,
+    _check_message,
+    _export_server,
     _odd,
     _spec,
-    _zero_size_input,
     fuzz,
-    known_warnings,
     sources,
     tensors,
 )
@@ -55,50 +65,88 @@ def _signature(spec: hessd_pb2.FunctionSpec) -> list[tuple[str, tuple[int, ...],
     ]
 
 
+# Names that are not what they seem, or far too long to echo: fullwidth x (NFKC x), a
+# ligature, a decomposed accent, 19,000 characters.
+_ODD_NAMES = ("\uff58", "\ufb01", "e\u0301", "x\u0301", "_x", "x y", "y" * 19_000)
+# Declared shapes: the usual, no elements (also beside a huge dimension), more axes than a
+# point may have, more elements than one may hold.
+_SHAPES = ((3,), (3,), (3, 3), (2,), (), (0,), (1, 3, 1), (3, 0), (0, 2**40), (1,) * 17)
+_ODD_SHAPES = ((2**31,), (2**16 + 1, 2**16), (2**63 - 1,), (1,) * 65)
+
+
+@st.composite
+def _corrupted(draw, data: bytes) -> bytes:
+    """`data` with bits flipped, bytes inserted or deleted, a run zeroed, or cut short."""
+    data = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(data)))
+        match draw(st.integers(0, 4)):
+            case 0 if at < len(data):
+                data[at] ^= 1 << draw(st.integers(0, 7))
+            case 1:
+                data[at:at] = draw(st.binary(min_size=1, max_size=8))
+            case 2:
+                del data[at : at + draw(st.integers(1, 8))]
+            case 3:
+                data[at : at + 64] = bytes(len(data[at : at + 64]))
+            case _:
+                data = data[:at]
+    return bytes(data)
+
+
 @st.composite
 def function_specs(draw) -> hessd_pb2.FunctionSpec:
-    """Known specs, random sources over x, y, M with A, b, export artifacts, or junk.
+    """Known specs, random sources over x, y, M with A, b, export artifacts (random bytes,
+    or a real one corrupted), or junk with odd names and shapes.
 
-    Declared shapes stay small (compiles stay fast) and so do static ints in sources:
-    larger ones hit known bugs (the xfail tests on huge shapes and 64 dimensions)."""
+    Static ints in sources are small or past int32 (HUGE_INTS, see fuzz_strategies.py)."""
     match draw(st.integers(0, 9)):
         case 0 | 1 | 2:
             return draw(st.sampled_from(_KNOWN_SPECS))
         case 3 | 4 | 5 | 6:
             names = draw(st.lists(st.sampled_from(list(_INPUTS)), min_size=1, unique=True))
-            shapes = st.sampled_from([(3,), (3,), (3, 3), (2,), (), (0,), (1, 3, 1)])
+            shapes = st.sampled_from(_SHAPES)
             inputs = {
                 name: _INPUTS[name] if draw(st.integers(0, 3)) else draw(shapes) for name in names
             }
             dtype = draw(st.sampled_from([hessd_pb2.FLOAT64] * 4 + [hessd_pb2.FLOAT32, 0, 5, 99]))
             constants = {k: v for k, v in _CONSTANTS.items() if draw(st.integers(0, 5))}
-            return _spec(draw(sources(max_int=4, depth=3)), inputs, dtype, constants)
+            return _spec(draw(sources(max_int=4, big=HUGE_INTS, depth=3)), inputs, dtype, constants)
         case 7:
-            return hessd_pb2.FunctionSpec(
-                jax_export=hessd_pb2.JaxExport(
-                    serialized=draw(st.binary(max_size=64)), jax_version=draw(st.text(max_size=8))
-                ),
-                inputs=[hessd_pb2.InputSpec(name="x", shape=[3], dtype=hessd_pb2.FLOAT64)],
-            )
+            if draw(st.booleans()):
+                return hessd_pb2.FunctionSpec(
+                    jax_export=hessd_pb2.JaxExport(
+                        serialized=draw(st.binary(max_size=64)),
+                        jax_version=draw(st.text(max_size=8)),
+                    ),
+                    inputs=[hessd_pb2.InputSpec(name="x", shape=[3], dtype=hessd_pb2.FLOAT64)],
+                )
+            spec = hessd_pb2.FunctionSpec()
+            spec.CopyFrom(_artifact())
+            spec.jax_export.serialized = draw(_corrupted(spec.jax_export.serialized))
+            return spec
         case _:
             spec = hessd_pb2.FunctionSpec()
             if draw(st.booleans()):
                 spec.expression.source = draw(st.text(max_size=20))
+            names = st.one_of(st.text(max_size=5), st.sampled_from(_ODD_NAMES))
+            shapes = st.one_of(
+                st.lists(st.integers(-2, 4), max_size=3),
+                st.sampled_from(_ODD_SHAPES).map(list),
+                st.lists(st.sampled_from([0, 1, 2**31, 2**62]), max_size=4),
+            )
             for _ in range(draw(st.integers(0, 2))):
-                spec.inputs.add(
-                    name=draw(st.text(max_size=5)),
-                    shape=draw(st.lists(st.integers(-2, 4), max_size=3)),
-                    dtype=draw(_INT32),
-                )
+                spec.inputs.add(name=draw(names), shape=draw(shapes), dtype=draw(_INT32))
             for _ in range(draw(st.integers(0, 1))):
-                spec.constants.add(name=draw(st.text(max_size=3)), tensor=draw(tensors()))
+                spec.constants.add(name=draw(names), tensor=draw(tensors()))
             return spec
 
 
 @st.composite
 def _points(draw, shape, dtype: np.dtype, batch: int | None, odd: bool) -> hessd_pb2.Tensor:
     """Points for one input: what it declares ((batch, *shape), or (*shape) when shared,
-    i.e. batch None); in odd requests sometimes the wrong dtype or shape, or any tensor."""
+    i.e. batch None); in odd requests sometimes the wrong dtype or shape, or any tensor.
+    NaN or Inf one time in six."""
     if any(d < 0 for d in shape) or math.prod(shape) > 64:
         return draw(tensors())
     match draw(st.integers(0, 9)) if odd else 0:
@@ -106,6 +154,8 @@ def _points(draw, shape, dtype: np.dtype, batch: int | None, odd: bool) -> hessd
             return draw(tensors())
         case 9:
             shape = (*shape, 1) if draw(st.booleans()) else shape[1:]
+            if math.prod(shape) > 64:  # (0, 2**40)[1:]
+                return draw(tensors())
         case 7:
             dtype = draw(st.sampled_from([np.dtype("<f4"), np.dtype("<f8"), np.dtype("<i8")]))
     if dtype.type.__module__ != "numpy":  # ml_dtypes' bfloat16: hypothesis cannot fill it
@@ -115,9 +165,13 @@ def _points(draw, shape, dtype: np.dtype, batch: int | None, odd: bool) -> hessd
         "b": st.booleans(),
     }.get(dtype.kind, st.integers(-3, 3))
     full = shape if batch is None else (batch, *shape)
+    if 0 in full or len(full) > 64:  # numpy cannot make all of these: (0, 2**62, 2**62)
+        size = math.prod(full) * dtype.itemsize  # of float64, or 65 axes; zeros will do
+        return hessd_pb2.Tensor(dtype=codec.dtype_to_proto(dtype), shape=full, data=bytes(size))
     values = draw(hnp.arrays(dtype, full, elements=elements))
-    if dtype.kind == "f" and values.size and draw(st.integers(0, 9)) == 0:
-        values.flat[0] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    if dtype.kind == "f" and values.size and draw(st.integers(0, 5)) == 0:
+        at = draw(st.integers(0, values.size - 1))
+        values.flat[at] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
     return codec.encode(values)
 
 
@@ -141,7 +195,8 @@ def _add_inputs(draw, request, signature, odd: bool) -> tuple[int, list[str]]:
             tensor = draw(_points(shape, dtype, None if name in request.shared else batch, odd))
             request.inputs.add(name=name, tensor=tensor)
     if _odd(draw, odd, 10):
-        request.inputs.add(name=draw(st.sampled_from(["z", "", "W"])), tensor=draw(tensors()))
+        name = draw(st.sampled_from(["z", "", "W", *_ODD_NAMES]))
+        request.inputs.add(name=name, tensor=draw(tensors()))
     return batch, names
 
 
@@ -158,7 +213,9 @@ def _function(draw, request, function_ids: dict[bytes, str]) -> hessd_pb2.Functi
         case _:
             spec = draw(st.sampled_from(_KNOWN_SPECS))
             if draw(st.booleans()):
-                request.function_id = draw(st.one_of(st.text(max_size=70), st.just("f" * 64)))
+                request.function_id = draw(
+                    st.one_of(st.text(max_size=70), st.sampled_from(["f" * 64, "f" * 1_000_000]))
+                )
     return spec
 
 
@@ -194,6 +251,12 @@ def compute_requests(draw, function_ids: dict[bytes, str]) -> hessd_pb2.ComputeR
     return request
 
 
+# Spectral widths: zero, subnormal, just below and at the least each dtype takes (the square
+# of sqrt(tiny) is tiny), and ordinary. Seeds: both sides of 2**63 (JAX's keys are int64).
+# The server compiles once per seed and sigma (they are options), so most calls draw from
+# these few, which keeps the number of compiles down.
+_SIGMAS = (0.0, 5e-324, 1e-300, 1.4e-154, 1.5e-154, 1e-19, 1.1e-19, 1e-6, 0.5)
+_SEEDS = (0, 2**63, 2**64 - 1)
 _OPTIONS = {  # SpectrumRequest options by method, clean values
     hessd_pb2.EXACT: {"eigenvectors": st.booleans()},
     hessd_pb2.LANCZOS: {
@@ -206,20 +269,21 @@ _OPTIONS = {  # SpectrumRequest options by method, clean values
         "num_steps": st.integers(0, 5),
         "num_probes": st.integers(0, 6),
         "grid_size": st.integers(0, 300),
-        "sigma": st.floats(0, 10),
+        "sigma": st.sampled_from(_SIGMAS),
     },
 }
+# Counts past the server's limits (analysis.MAX_COUNT), refused before any work; at the
+# limits they are seconds of work per call, more than a fuzz case should take.
+_PAST_LIMITS = {"k": 1001, "num_steps": 4001, "num_probes": 1001, "num_matvecs": 10_001}
 
 
 @st.composite
 def spectrum_requests(draw, function_ids: dict[bytes, str]) -> hessd_pb2.SpectrumRequest:
-    """Random SpectrumRequests: half clean, half with odd fields and options of any method.
-    The seed stays below 2**63 (a known bug, see the xfail tests); num_matvecs and
-    num_probes stay small, since nothing bounds them and large ones run for minutes."""
+    """Random SpectrumRequests: half clean, half with odd fields and options of any method,
+    counts past the limits, any uint64 seed."""
     odd = draw(st.booleans())
     request = hessd_pb2.SpectrumRequest()
     spec = _function(draw, request, function_ids)
-    assume(not _zero_size_input(spec))
     _, names = _add_inputs(draw, request, _signature(spec), odd)
     request.wrt[:] = _rarely(draw, odd, st.lists(st.sampled_from([*names, "nope"])), [])
     method = draw(st.sampled_from(hessd_pb2.SpectrumMethod.values()))
@@ -237,12 +301,16 @@ def spectrum_requests(draw, function_ids: dict[bytes, str]) -> hessd_pb2.Spectru
         "trace_estimator": st.one_of(st.integers(0, 2), _INT32),
         "tol": st.floats(),
         "gtol": st.floats(),
-        "sigma": st.floats(),
+        "sigma": st.one_of(st.floats(), st.sampled_from(_SIGMAS)),
     }
     for name, strategy in odd_options.items():
         if _odd(draw, odd, 4):
+            past = _PAST_LIMITS.get(name)
+            if past is not None and draw(st.booleans()):
+                strategy = st.sampled_from([past, 2**31 - 1])
             setattr(request, name, draw(strategy))
-    request.seed = draw(st.integers(0, 2**63 - 1))
+    seeds = st.integers(0, 2**64 - 1) if _odd(draw, True, 8) else st.sampled_from(_SEEDS)
+    request.seed = draw(seeds)
     return request
 
 
@@ -257,19 +325,59 @@ def _tensors_of(message) -> list[hessd_pb2.Tensor]:
     return found
 
 
-def _check_call(method, request) -> grpc.StatusCode:
-    """Call; the answer is a result whose tensors decode, or a refusal with a message."""
+def _check_call(method, request, check=None) -> grpc.StatusCode:
+    """Call; the answer is a result whose tensors decode (and pass `check`, if given), or a
+    refusal with a bounded message."""
     try:
         response = method(request, timeout=_TIMEOUT)
     except grpc.RpcError as error:
-        assert error.code() in _REFUSALS, (error.code(), error.details(), request)
-        assert error.details()
+        assert error.code() in _REFUSALS, (error.code(), error.details()[:2000], request)
+        _check_message(error)
         event(error.code().name)
         return error.code()
     for tensor in _tensors_of(response):
         codec.decode(tensor)
+    if check is not None:
+        check(response)
     event("OK")
     return grpc.StatusCode.OK
+
+
+def _known_spec(request, function_ids: dict[bytes, str]) -> hessd_pb2.FunctionSpec | None:
+    """The spec of _KNOWN_SPECS that `request` names, by id or inline; None for others."""
+    if request.HasField("spec"):
+        return request.spec if request.spec in _KNOWN_SPECS else None
+    for spec in _KNOWN_SPECS:
+        if function_ids[spec.SerializeToString()] == request.function_id:
+            return spec
+    return None
+
+
+def _check_point_classes(request, response, spec: hessd_pb2.FunctionSpec) -> None:
+    """For a known spec, whose derivatives are finite wherever its inputs are: a point
+    whose variable (the `wrt` inputs) holds NaN or Inf is "undefined", and one whose inputs
+    are all finite is not. Mixed points (a non-finite input beside the variable) may be
+    either."""
+    if not response.HasField("point_class"):
+        return
+    classes = codec.decode(response.point_class)
+    if not classes.size:
+        return
+    wrt = set(request.wrt) or {spec.inputs[0].name}
+    variable_bad = np.zeros(classes.shape, bool)
+    any_bad = np.zeros(classes.shape, bool)
+    for named in request.inputs:
+        finite = np.isfinite(codec.decode(named.tensor).astype(np.float64))
+        if named.name in request.shared:
+            bad = np.full(classes.shape, not finite.all())
+        else:
+            bad = ~finite.reshape(len(classes), -1).all(axis=1)
+        any_bad |= bad
+        if named.name in wrt:
+            variable_bad |= bad
+    undefined = classes == hessd_pb2.UNDEFINED
+    np.testing.assert_array_equal(undefined[variable_bad], True, err_msg=str(classes))
+    np.testing.assert_array_equal(undefined[~any_bad], False, err_msg=str(classes))
 
 
 def _assert_serving(stub) -> None:
@@ -287,13 +395,20 @@ def _assert_serving(stub) -> None:
 
 @pytest.fixture(scope="module")
 def channel(server_address):
-    with grpc.insecure_channel(server_address) as channel:
+    with grpc.insecure_channel(server_address, options=CHANNEL_OPTIONS) as channel:
         yield channel
 
 
 @pytest.fixture(scope="module")
 def stub(channel):
     return hessd_pb2_grpc.HessdStub(channel)
+
+
+@pytest.fixture(scope="module")
+def export_stub():
+    """A server that accepts jax_export specs, for Register (see the module docstring)."""
+    with _export_server() as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +422,6 @@ def function_ids(stub) -> dict[bytes, str]:
     }
 
 
-@known_warnings
 def test_random_compute_requests_get_a_result_or_a_typed_error(stub, function_ids):
     @fuzz(400)
     @given(compute_requests(function_ids))
@@ -318,25 +432,31 @@ def test_random_compute_requests_get_a_result_or_a_typed_error(stub, function_id
     _assert_serving(stub)
 
 
-@known_warnings
 def test_random_spectrum_requests_get_a_result_or_a_typed_error(stub, function_ids):
     @fuzz(150)
     @given(spectrum_requests(function_ids))
     def run(request):
-        _check_call(stub.Spectrum, request)
+        spec = _known_spec(request, function_ids)
+        if spec is None:
+            _check_call(stub.Spectrum, request)
+        else:
+            _check_call(stub.Spectrum, request, lambda r: _check_point_classes(request, r, spec))
 
     run()
     _assert_serving(stub)
 
 
-@known_warnings
-def test_random_register_requests_get_an_id_or_a_typed_error(stub):
+def test_random_register_requests_get_an_id_or_a_typed_error(stub, export_stub):
+    """Against a server that accepts jax_export specs, so that corrupted artifacts are
+    deserialized and checked, not refused for what they are."""
+
     @fuzz(200)
     @given(function_specs())
     def run(spec):
-        _check_call(stub.Register, hessd_pb2.RegisterRequest(spec=spec))
+        _check_call(export_stub.Register, hessd_pb2.RegisterRequest(spec=spec))
 
     run()
+    _assert_serving(export_stub)
     _assert_serving(stub)
 
 
@@ -345,7 +465,6 @@ def compute_streams(draw, function_ids: dict[bytes, str]) -> list[hessd_pb2.Stre
     """A ComputeStream call: a random request as a header with its tensors' bytes cut into
     chunks anywhere; one time in four something about the stream itself is wrong."""
     request = draw(compute_requests(function_ids))
-    assume(not _hits_known_bug(request))
     data = b"".join(tensor.data for _, tensor in stream.tensors(request))
     header = hessd_pb2.ComputeRequest()
     header.CopyFrom(request)
@@ -407,7 +526,6 @@ def request_bytes(draw, function_ids: dict[bytes, str]) -> tuple[str, bytes]:
     return method, bytes(data)
 
 
-@known_warnings
 def test_random_bytes_as_requests_get_a_typed_error(channel, stub, function_ids):
     """Bytes that parse as the request are answered like any request; bytes that do not
     parse get INVALID_ARGUMENT saying so (service/parsing.py). No INTERNAL at all."""
@@ -426,16 +544,16 @@ def test_random_bytes_as_requests_get_a_typed_error(channel, stub, function_ids)
             parsed = _MESSAGES[method].FromString(data)
         except Exception:  # protobuf's DecodeError, by whichever backend is installed
             parsed = None
-        assume(parsed is None or not _hits_known_bug(parsed))
         try:
             calls[method](data, timeout=_TIMEOUT)
         except grpc.RpcError as error:
+            _check_message(error)
             if parsed is None:
                 assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
                 assert "do not parse" in error.details(), error.details()
                 event("unparsable: INVALID_ARGUMENT")
                 return
-            assert error.code() in _REFUSALS, (error.code(), error.details(), data)
+            assert error.code() in _REFUSALS, (error.code(), error.details()[:2000], data)
             event(error.code().name)
             return
         assert parsed is not None, data
@@ -445,7 +563,6 @@ def test_random_bytes_as_requests_get_a_typed_error(channel, stub, function_ids)
     _assert_serving(stub)
 
 
-@known_warnings
 def test_random_compute_streams_get_a_result_or_a_typed_error(stub, function_ids):
     """ComputeStream: the response stream reassembles into tensors that decode, or the
     call is refused with a typed error."""
@@ -457,8 +574,8 @@ def test_random_compute_streams_get_a_result_or_a_typed_error(stub, function_ids
             responses = stub.ComputeStream(iter(messages), timeout=_TIMEOUT)
             header, buffers = stream.receive(responses, "compute_response", 2**31)
         except grpc.RpcError as error:
-            assert error.code() in _REFUSALS, (error.code(), error.details(), messages)
-            assert error.details()
+            assert error.code() in _REFUSALS, (error.code(), error.details()[:2000], messages)
+            _check_message(error)
             event(error.code().name)
             return
         for (what, tensor), buffer in zip(stream.tensors(header), buffers, strict=True):
