@@ -7,6 +7,7 @@ speed, only on the shape and consistency of what is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 
+import certs
 import numpy as np
 import pytest
 
@@ -182,25 +184,83 @@ def test_failed_requests_are_errors_not_latency(server_address, tmp_path, monkey
     assert csv_row["errors_by_code"] == f"RESOURCE_EXHAUSTED={row['errors']}"
 
 
-def test_token_from_the_flag_or_the_environment(tmp_path, monkeypatch, capsys):
-    """--token (or $HESSD_TOKEN) goes with every call; the results never hold it."""
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({"tokens": [{"name": "bench", "token": TOKEN}]}))
-    server, port = create_server(ServerConfig(host="127.0.0.1", port=0, tokens_file=str(tokens)))
+@contextlib.contextmanager
+def serving(**config):
+    """The address of a server of its own, with `config` (tokens, TLS)."""
+    server, port = create_server(ServerConfig(host="127.0.0.1", port=0, **config))
     server.start()
     try:
-        argv = [*SCALAR, "--address", f"127.0.0.1:{port}", "--concurrency", "1", *SHORT]
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def tokens_file(tmp_path):
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [{"name": "bench", "token": TOKEN}]}))
+    return str(tokens)
+
+
+def test_token_from_the_flag_or_the_environment(tmp_path, monkeypatch, capsys):
+    """--token (or $HESSD_TOKEN) goes with every call; the results never hold it."""
+    with serving(tokens_file=tokens_file(tmp_path)) as address:
+        argv = [*SCALAR, "--address", address, "--concurrency", "1", *SHORT]
         assert run([*argv, "--out", tmp_path / "none"]) == 2
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert run([*argv, "--out", tmp_path / "wrong", "--token", "x" * len(TOKEN)]) == 2
         assert "UNAUTHENTICATED" in capsys.readouterr().err
         out = tmp_path / "bench"
         assert run([*argv, "--out", out, "--token", TOKEN]) == 0
         monkeypatch.setenv("HESSD_TOKEN", TOKEN)
         assert run([*argv, "--out", tmp_path / "from-env"]) == 0
-    finally:
-        server.stop(grace=None)
     text = out.with_suffix(".json").read_text()
     assert TOKEN not in text
     assert json.loads(text)["metadata"]["args"]["token"] == "(given)"
+    (row,) = json.loads(text)["rows"]
+    check_row(row, batch=1)
+    assert row["errors"] == 0
+
+
+def test_tls_and_mutual_tls(tmp_path, capsys):
+    """--tls-ca reaches a TLS server; --tls-cert and --tls-key add the client certificate
+    a server with --tls-client-ca requires (here beside a token, as in production). Without
+    them no call gets through: exit 1, nothing measured. The results name the files given,
+    never what they hold."""
+    pki = certs.make_pki()
+    for name, pem in pki.items():
+        (tmp_path / f"{name}.pem").write_bytes(pem)
+    server_tls = {"tls_cert": str(tmp_path / "server_cert.pem")}
+    server_tls["tls_key"] = str(tmp_path / "server_key.pem")
+    ca = ["--tls-ca", tmp_path / "ca.pem"]
+    client = ["--tls-cert", tmp_path / "client_cert.pem", "--tls-key", tmp_path / "client_key.pem"]
+    argv = [*SCALAR, "--concurrency", "1", *SHORT, "--connect-timeout", "1"]
+
+    with serving(**server_tls) as address:
+        assert run([*argv, "--address", address, *ca, "--out", tmp_path / "tls"]) == 0
+        assert run([*argv, "--address", address, "--out", tmp_path / "plain"]) == 1
+    mutual = {**server_tls, "tls_client_ca": str(tmp_path / "ca.pem")}
+    with serving(**mutual, tokens_file=tokens_file(tmp_path)) as address:
+        argv += ["--address", address, "--token", TOKEN]
+        out = tmp_path / "mutual"
+        assert run([*argv, *ca, *client, "--out", out]) == 0
+        assert run([*argv, *ca, "--out", tmp_path / "no-client-cert"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "hessd bench:" in line]
+    assert len(err) == 2 and all("no hessd server answered" in line for line in err), err
+    assert err[0].endswith("a server with TLS answers only with --tls or --tls-ca")
+    assert err[1].endswith("answers only with --tls-cert and --tls-key")
+    assert not (tmp_path / "plain.json").exists()
+    assert not (tmp_path / "no-client-cert.json").exists()
+
+    for path in (tmp_path / "tls.json", out.with_suffix(".json")):
+        (row,) = json.loads(path.read_text())["rows"]
+        check_row(row, batch=1)
+        assert row["errors"] == 0
+    text = out.with_suffix(".json").read_text()
+    for secret in (TOKEN, pki["client_key"].decode(), pki["client_cert"].decode()):
+        assert secret not in text
+    args = json.loads(text)["metadata"]["args"]
+    assert args["tls_cert"] == str(tmp_path / "client_cert.pem")
+    assert args["tls_key"] == str(tmp_path / "client_key.pem")
 
 
 # ------------------------------------------------------------------------------ failures
@@ -246,6 +306,8 @@ def test_unreachable_server_exits_1(tmp_path, capsys):
         (["--inputs", "x=3", "--constant", "x=zeros:3"], "both as an input and as a constant"),
         (["--inputs", "x=3", "--constant", "A=zeros:3", "--constant", "A=zeros:4"], "twice"),
         (["--inputs", "x=3", "--constant", "A=missing.npy"], "cannot load it as a .npy array"),
+        (["--inputs", "x=3", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["--inputs", "x=3", "--tls-ca", "missing.pem"], "--tls-ca missing.pem: cannot read it"),
         ([], "--expression needs --inputs"),
     ],
 )

@@ -63,6 +63,19 @@ class _Recorder:
         return window
 
 
+def _tls_hint(connection: Mapping[str, Any]) -> str:
+    """What else keeps a server from answering, by the TLS flags given: a failed handshake
+    looks like no server at all."""
+    if not connection.get("tls"):
+        return "; a server with TLS answers only with --tls or --tls-ca"
+    if "certificate_chain" not in connection:
+        return (
+            "; a server that requires client certificates (mutual TLS) answers only with "
+            "--tls-cert and --tls-key"
+        )
+    return ""
+
+
 class Sweep:
     """The whole run inside one event loop. What it measured stays readable after the loop
     was interrupted: `rows()` reports the finished levels and the windows of the current
@@ -120,7 +133,7 @@ class Sweep:
         except (Unavailable, DeadlineExceeded) as e:
             raise ServerGone(
                 f"no hessd server answered at {args.address} within --connect-timeout "
-                f"{args.connect_timeout:g} s: {e}"
+                f"{args.connect_timeout:g} s: {e}{_tls_hint(self.connection)}"
             ) from None
         setup = args.setup_timeout
         try:
