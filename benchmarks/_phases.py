@@ -3,9 +3,9 @@
 and in-process compute and device-to-host copy apart.
 
 The server's pieces run on the servicer of an in-process server built by create_server
-as `hessd serve` builds it (not started), with the per-call log line `hessd serve` writes
-by default. They reach into hessd.service: HessdServer.servicer, its registry and engine,
-and kinds.make_request for the engine's request.
+as `hessd serve` builds it (not started). They reach into hessd.service:
+HessdServer.servicer, its registry and engine, and kinds.make_request for the engine's
+request.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ class _Context:
 @contextlib.contextmanager
 def phase_server() -> Iterator[HessdServer]:
     """An in-process server as `hessd serve --max-output-bytes MAX_OUTPUT_BYTES` builds it,
-    bound to a free loopback port and never started; its per-call log line goes to
-    /dev/null, formatted and at INFO as `hessd serve` logs by default."""
+    bound to a free loopback port and never started; its logger at INFO as `hessd serve`
+    sets it, writing to /dev/null (the per-call line is DEBUG unless --log-requests)."""
     server, _ = create_server(
         ServerConfig(host="127.0.0.1", port=0, max_output_bytes=MAX_OUTPUT_BYTES)
     )

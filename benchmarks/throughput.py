@@ -33,7 +33,7 @@ process (no gRPC): client encode, server parse / handler / serialize, engine.run
 decode, and in-process compute and device-to-host copy apart.
 
     python benchmarks/throughput.py [--repeats 7] [--only hessian] [--phases]
-        [--out benchmarks/results/throughput-cpu.json]
+        [--server aio|threads] [--out benchmarks/results/throughput-cpu.json]
 
 The machine should be quiet: the run waits (up to --max-wait seconds) for the 1-minute
 load average to fall below --quiet-load, and records the load it ran under.
@@ -213,6 +213,12 @@ def main() -> None:
     parser.add_argument("--quiet-load", type=float, default=1.5)
     parser.add_argument("--max-wait", type=float, default=240.0, help="seconds")
     parser.add_argument("--echo-workers", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--server",
+        choices=("aio", "threads"),
+        default="aio",
+        help="the transport of the hessd serve measured (--server)",
+    )
     args = parser.parse_args()
     selected = args.only or list(WORKLOADS)
 
@@ -220,7 +226,8 @@ def main() -> None:
     out = args.out or pathlib.Path(__file__).parent / "results" / f"throughput-{backend}.json"
     load_start = wait_for_quiet(args.quiet_load, args.max_wait)
     started = time.perf_counter()
-    proc, address, _ = start_server(*SERVER_FLAGS)
+    server_flags = (*SERVER_FLAGS, "--server", args.server)
+    proc, address, _ = start_server(*server_flags)
     echo_proc, echo = start_echo_server(args.echo_workers)
     # hessd's own server model, for the concurrency row: a second floor beside the first.
     echo_aio_proc, echo_aio = start_echo_server(args.echo_workers, aio=True)
@@ -275,7 +282,7 @@ def main() -> None:
         "concurrency": CONCURRENCY,
         "calls_per_concurrency_round": CALLS_PER_ROUND,
         "seconds": time.perf_counter() - started,
-        "server_flags": SERVER_FLAGS,
+        "server_flags": server_flags,
         "echo_server_workers": args.echo_workers,
         "torch_threads": TORCH_THREADS,
         "slow_method": {"seconds": SLOW_SECONDS, "rounds": SLOW_ROUNDS},

@@ -84,8 +84,13 @@ class ServerConfig:
     allow_jax_export: bool = _field(
         False, "accept jax_export specs: artifacts that run native code (see README)"
     )
-    workers: int = _field(
-        16, "threads of each of the server's pools: the full path's calls, the device's batches"
+    workers: int = _field(16, "threads serving calls (with --server aio: of each of its two pools)")
+    server: str = _field(
+        "aio",
+        "the transport: aio (grpc.aio on an event loop: health and small calls answer "
+        "whatever the threads compute; waiting calls and idle streams hold no thread) or "
+        "threads (a grpc.server over --workers threads: about half the CPU per small call, "
+        "but health waits once every thread computes)",
     )
     reuse_port: bool = _field(
         False,

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hessd.service.errors import Cancelled, ResourceExhausted
+from hessd.service.errors import Cancelled, InvalidArgument, ResourceExhausted
 
 if TYPE_CHECKING:
     from hessd.service.compile_guard import CompileGuard
@@ -344,6 +344,46 @@ class Engine:
                 in_shardings=[split if batched else whole for _, _, batched in signature],
                 out_shardings=split,
             )
+        try:
+            executable, supervised = self._lower_and_compile(
+                jitted, avals, program, request, signature, bucket
+            )
+        except (ValueError, TypeError, jax.errors.JaxRuntimeError) as e:
+            if not program.from_client_module:
+                raise
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise InvalidArgument(
+                f"this jax_export artifact does not compile for {request.label} ({first}); "
+                "it may be corrupted or exported for another platform: export it again "
+                "with jax.export and vjp_order >= 2"
+            ) from None
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self.stats.compiles += 1
+            self.stats.compile_seconds += seconds
+        if supervised:
+            logger.info(
+                "compiled %s %s bucket=%d in %.3f s (%.3f s of it in a supervised child)",
+                program.function_id[:12], request.label, bucket, seconds, supervised,
+            )  # fmt: skip
+        else:
+            logger.info(
+                "compiled %s %s bucket=%d in %.3f s",
+                program.function_id[:12], request.label, bucket, seconds,
+            )  # fmt: skip
+        return executable
+
+    def _lower_and_compile(
+        self,
+        jitted: Any,
+        avals: list[jax.ShapeDtypeStruct],
+        program: Program,
+        request: EngineRequest,
+        signature: Sequence[tuple[tuple[int, ...], np.dtype, bool]],
+        bucket: int,
+    ) -> tuple[jax.stages.Compiled, float]:
+        """The executable, after the bounds on its size; and the seconds a supervised child
+        spent compiling it first (0 when none did)."""
         with warnings.catch_warnings():
             # Constant folding may overflow to inf; that is the value, not news (program.py).
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -365,18 +405,4 @@ class Engine:
                 supervised = self.guard.check(program, request, signature, bucket, lines)
             executable = lowered.compile()
         self._check_memory(executable, request, bucket)
-        seconds = time.perf_counter() - start
-        with self._lock:
-            self.stats.compiles += 1
-            self.stats.compile_seconds += seconds
-        if supervised:
-            logger.info(
-                "compiled %s %s bucket=%d in %.3f s (%.3f s of it in a supervised child)",
-                program.function_id[:12], request.label, bucket, seconds, supervised,
-            )  # fmt: skip
-        else:
-            logger.info(
-                "compiled %s %s bucket=%d in %.3f s",
-                program.function_id[:12], request.label, bucket, seconds,
-            )  # fmt: skip
-        return executable
+        return executable, supervised

@@ -19,7 +19,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,7 @@ class ExportProgram(Program):
     and does not vmap, so every kind is built on the whole batch."""
 
     batched_fn: Callable[..., jax.Array] = dataclasses.field(kw_only=True)
+    from_client_module: ClassVar[bool] = True
 
     def jacobian_mode(self, kind: Kind, mode: JacobianMode, n_in: int, n_out: int) -> JacobianMode:
         if kind.forward_only:

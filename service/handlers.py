@@ -39,7 +39,6 @@ from hessd.service import fastpath, parsing
 from hessd.service.errors import (
     Cancelled,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     ServiceError,
 )
@@ -254,7 +253,7 @@ class _Calls:
         plan = None if request_key is None else self.servicer.plans.get(request_key)
         if plan is not None:
             decoded = plan.decode(request)
-            if decoded is not None and self._registered(plan):
+            if decoded is not None and self.servicer.holds(plan):
                 return await self._planned(plan, request, *decoded, context)
         return await in_thread(self.workers, self.servicer.Compute, request, context)
 
@@ -265,12 +264,6 @@ class _Calls:
         if plan.expected_seconds(points) > fastpath.QUICK_SECONDS:
             return False
         return self.servicer.engine.compiled(plan.program, plan.task, args)
-
-    def _registered(self, plan: fastpath.Plan) -> bool:
-        try:
-            return self.servicer.registry.get(plan.program.function_id) is plan.program
-        except NotFound:
-            return False
 
     async def _planned(
         self,

@@ -10,7 +10,7 @@ import math
 import unicodedata
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -63,6 +63,9 @@ class Program(abc.ABC):
     output_dtype: np.dtype
     # The serialised spec, so that a supervised compile (compile_guard.py) can rebuild it.
     spec: bytes = dataclasses.field(default=b"", kw_only=True, repr=False)
+    # Whether its computation is a module the client serialised (jax.export): one that
+    # fails to lower or compile is the client's error, not hessd's.
+    from_client_module: ClassVar[bool] = False
 
     def indices(self, names: Sequence[str], what: str) -> tuple[int, ...]:
         """Positions of the inputs called `names`; InvalidArgument for unknown or repeated."""

@@ -22,9 +22,12 @@ EXPRESSION = "sum(tanh(A @ x) ** 2) * x[0]"  # scalar; A is shared
 VECTOR_EXPRESSION = "tanh(A @ x) * x[0]"  # (3,)
 
 
-@pytest.fixture(scope="module")
-def stub():
-    server, port = create_server(ServerConfig(host="127.0.0.1", port=0, workers=4))
+@pytest.fixture(scope="module", params=["threads", "aio"])
+def stub(request):
+    """Each transport has the fast path: in HessdServicer.Compute (threads), and on the
+    event loop (aio, service/handlers.py)."""
+    config = ServerConfig(host="127.0.0.1", port=0, workers=4, server=request.param)
+    server, port = create_server(config)
     server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield hessd_pb2_grpc.HessdStub(channel), server
@@ -94,7 +97,7 @@ def test_fast_path_answers_as_the_full_path(stub, case):
 
 
 def test_a_planned_request_with_bad_bytes_gets_the_full_paths_error(stub):
-    stub, server = stub
+    stub, _ = stub
     fid = stub.Register(hessd_pb2.RegisterRequest(spec=_spec(EXPRESSION))).function_id
     stub.Compute(_request(np.ones((2, 4)), hessd_pb2.GRADIENT, function_id=fid))
     bad = _request(np.ones((2, 4)), hessd_pb2.GRADIENT, function_id=fid)

@@ -219,16 +219,11 @@ def export_stub():
         yield stub
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a jax_export artifact corrupted so that it still deserializes and passes "
-    "the module scan can fail only when its Hessian is compiled (one byte of the shape "
-    "assertion's attribute name flipped: 'Error refining shapes', a ValueError from "
-    "Lowered.compile), which the engine answers as INTERNAL. Registration could lower and "
-    "compile the artifact's modules (service/exported.py), or the engine could answer "
-    "compile failures of jax_export programs as INVALID_ARGUMENT (service/engine.py)",
-)
-def test_corrupted_artifact_that_deserializes_compiles_or_is_refused_known_bug(export_stub):
+def test_corrupted_artifact_that_deserializes_compiles_or_is_refused(export_stub):
+    """Found by the fuzzer: an artifact corrupted so that it still deserializes and passes
+    the module scan (one byte of the shape assertion's attribute name flipped) fails only
+    when its Hessian compiles ('Error refining shapes'); that is INVALID_ARGUMENT, not
+    INTERNAL."""
     spec = hessd_pb2.FunctionSpec()
     spec.CopyFrom(_artifact())
     serialized = spec.jax_export.serialized

@@ -1,5 +1,5 @@
-"""The asyncio server (service/server.py, service/handlers.py): how it stops, and that no
-thread is held by what waits.
+"""Both transports (--server threads and aio; service/server.py, threads.py, handlers.py):
+how they stop, and, for aio, that no thread is held by what waits.
 
 Stopping: health says NOT_SERVING and new calls get UNAVAILABLE at once; a call in flight
 that ends within the grace is answered; one still computing when the grace ends is
@@ -31,9 +31,11 @@ def _gradient_request(fid: str) -> hessd_pb2.ComputeRequest:
     return request
 
 
-def test_stop_answers_calls_in_flight_and_refuses_new_ones():
+@pytest.mark.parametrize("transport", ["threads", "aio"])
+def test_stop_answers_calls_in_flight_and_refuses_new_ones(transport):
     # One point per engine call, so that the spectrum in flight is many device calls.
-    server, port = create_server(ServerConfig(port=0, workers=4, max_batch_bucket=1))
+    config = ServerConfig(port=0, workers=4, max_batch_bucket=1, server=transport)
+    server, port = create_server(config)
     server.start()
     address = f"127.0.0.1:{port}"
     try:
@@ -44,7 +46,7 @@ def test_stop_answers_calls_in_flight_and_refuses_new_ones():
         ):
             f = c.register(SLOW, {"x": (600,)}, dtype="float64")
             small = c.register("sum(x**2)", {"x": (3,)}, dtype="float64")
-            x = np.random.default_rng(0).normal(size=(200, 600))
+            x = np.random.default_rng(0).normal(size=(2000, 600))  # a minute of eigh
             c.spectrum(f, x[:1])  # compiled
             stub = hessd_pb2_grpc.HessdStub(channel)
             stub.Compute(_gradient_request(small.id), timeout=10)  # planned: the fast path
@@ -68,14 +70,19 @@ def test_stop_answers_calls_in_flight_and_refuses_new_ones():
         server.stop(None)
 
 
-def test_waiting_calls_hold_no_thread():
+def test_waiting_calls_hold_no_thread(monkeypatch):
     """More fast-path calls in flight than the server has threads, all answered: a call
-    waiting for its batch waits on the event loop, not on a thread."""
+    waiting for its batch waits on the event loop, not on a thread. (No call is quick
+    enough to run on the loop itself here, so every batch goes to the one device thread.)"""
     import asyncio
 
     from hessd.client import AsyncClient
+    from hessd.service import fastpath
 
-    server, port = create_server(ServerConfig(port=0, workers=1, batch_max_delay_us=2000))
+    monkeypatch.setattr(fastpath, "QUICK_SECONDS", 0.0)
+
+    config = ServerConfig(port=0, workers=1, batch_max_delay_us=2000, server="aio")
+    server, port = create_server(config)
     server.start()
     try:
 
