@@ -89,8 +89,8 @@ class ServerConfig:
         "aio",
         "the transport: aio (grpc.aio on an event loop: health and small calls answer "
         "whatever the threads compute; waiting calls and idle streams hold no thread) or "
-        "threads (a grpc.server over --workers threads: about half the CPU per small call, "
-        "but health waits once every thread computes)",
+        "threads (a grpc.server over --workers threads; health waits once every thread "
+        "computes)",
     )
     reuse_port: bool = _field(
         False,

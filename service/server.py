@@ -42,9 +42,9 @@ class HessdServer:
     """A configured server: `start()`, then `stop(grace)` or `enter_graceful_shutdown()`.
 
     Its transport is --server's: `aio` (AioTransport, the default: health and small calls
-    answer whatever the threads compute) or `threads` (ThreadTransport: about half the CPU
-    per small call, measured in benchmarks/throughput.py, but a call holds a thread from
-    start to end). Both serve the same servicer, fast path, router checks and health.
+    answer whatever the threads compute) or `threads` (ThreadTransport: a call holds a
+    thread from start to end). Both serve the same servicer, fast path, router checks and
+    health.
 
     Health (grpc.health.v1) reports SERVING for "" and hessd.v1.Hessd once started, and
     NOT_SERVING from the moment shutdown begins, while new calls get UNAVAILABLE and calls

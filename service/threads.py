@@ -8,9 +8,11 @@ router's drain, token and max_concurrent checks, lenient parsing (bytes that do 
 are INVALID_ARGUMENT), and reading streams, which take at most half the threads and are
 cancelled when their client sends nothing for --stream-idle-seconds.
 
-Measured on 2 cores (benchmarks/throughput.py): a grpc.server costs about half the CPU per
-small call of a grpc.aio server, on the server and on its client. What it cannot promise is
-the asyncio transport's: with every thread computing, a health check waits for one.
+It is the older model, kept for comparison and for machines where it measures faster: on
+the 2-core machine here, quiet, it served 1,583 small calls/s at 64 in flight against the
+asyncio transport's 1,999; with other processes busy on the same cores it did better than
+the asyncio one. What it cannot promise is the asyncio transport's: with every thread
+computing, a health check waits for one.
 """
 
 from __future__ import annotations

@@ -99,3 +99,32 @@ def test_waiting_calls_hold_no_thread(monkeypatch):
         assert server.servicer.batcher.stats.coalesced > 0
     finally:
         server.stop(None)
+
+
+@pytest.mark.parametrize("transport", ["threads", "aio"])
+def test_a_result_stream_cancelled_midway_ends_its_call(transport):
+    """A client that stops reading a streamed result and cancels: the call ends (the
+    server's count of calls in flight falls back to 0) and the server serves on."""
+    config = ServerConfig(port=0, workers=2, server=transport)
+    server, port = create_server(config)
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as c:
+            f = c.register("x * 2.0", {"x": (1024,)}, dtype="float64")
+            stub = hessd_pb2_grpc.HessdStub(c._channel)
+            header = hessd_pb2.ComputeRequest(function_id=f.id, kind=hessd_pb2.VALUE)
+            points = np.ones((1024, 1024))  # 8 MiB each way: 8 chunks of result
+            codec.encode(points, out=header.inputs.add(name="x").tensor, data=False)
+            from hessd.proto import stream
+
+            call = stub.ComputeStream(stream.send("compute_request", header, [points]))
+            first = next(call)
+            assert first.WhichOneof("part") == "compute_response"
+            call.cancel()
+            deadline = time.monotonic() + 10
+            while server.active and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.active == 0
+            np.testing.assert_array_equal(c.value(f, np.ones((1, 1024))), 2 * np.ones((1, 1024)))
+    finally:
+        server.stop(None)
