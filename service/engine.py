@@ -137,6 +137,7 @@ class Engine:
         # executable runs (the temporary bytes XLA's memory analysis reports); 0: none.
         self.max_lines, self.max_temp_bytes = max_lines, max_temp_bytes
         self._refused: collections.OrderedDict[tuple, ResourceExhausted] = collections.OrderedDict()
+        self._temp: dict[tuple, int] = {}  # by cache key: its executable's intermediates
         self.stats = EngineStats()
         self._cache: collections.OrderedDict[tuple, jax.stages.Compiled] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -205,16 +206,32 @@ class Engine:
     ) -> bool:
         """Whether run(program, request, args) is one call of an executable already
         compiled: it would neither compile nor split the points into chunks."""
+        key, chunked = self._key_of(program, request, args)
+        return not chunked and key in self._cache
+
+    def temp_bytes(
+        self, program: Program, request: EngineRequest, args: Sequence[np.ndarray]
+    ) -> int:
+        """The intermediates (XLA's memory analysis) of the executable run(program,
+        request, args) calls per chunk, once compiled; 0 before."""
+        return self._temp.get(self._key_of(program, request, args)[0], 0)
+
+    def _key_of(
+        self, program: Program, request: EngineRequest, args: Sequence[np.ndarray]
+    ) -> tuple[tuple, bool]:
+        """The cache key of the executable of run(program, request, args)'s (first) chunk,
+        and whether the points run in more than one chunk (or none)."""
         batched = [i not in request.shared for i in range(len(args))]
         batch = next(a for a, b in zip(args, batched, strict=True) if b).shape[0]
+        size = self.max_bucket
         limit = request.max_chunk(program)
-        if batch == 0 or batch > self.max_bucket or (limit is not None and batch > limit):
-            return False
-        bucket = max(bucket_for(batch, self.max_bucket), len(self.devices))
+        if limit is not None:
+            size = min(size, 1 << (max(limit, 1).bit_length() - 1))
+        bucket = max(bucket_for(min(max(batch, 1), size), size), len(self.devices))
         signature = tuple(
             (a.shape[1:] if b else a.shape, a.dtype, b) for a, b in zip(args, batched, strict=True)
         )
-        return (program.function_id, request, signature, bucket) in self._cache
+        return (program.function_id, request, signature, bucket), batch > size or batch == 0
 
     def _run_chunk(
         self,
@@ -276,7 +293,7 @@ class Engine:
                 executable = self._lookup(key, count=False)
             if executable is None:
                 try:
-                    executable = self._compile(program, request, signature, bucket)
+                    executable, temp = self._compile(program, request, signature, bucket)
                 except ResourceExhausted as e:
                     with self._lock:
                         self._refused[key] = e
@@ -286,30 +303,30 @@ class Engine:
                     raise
                 with self._lock:
                     self._cache[key] = executable
+                    self._temp[key] = temp
                     while len(self._cache) > self.cache_size:
-                        self._cache.popitem(last=False)
+                        self._temp.pop(self._cache.popitem(last=False)[0], None)
                     self._compiling.pop(key, None)
         return executable
 
     def _check_memory(
         self, executable: jax.stages.Compiled, request: EngineRequest, bucket: int
-    ) -> None:
-        """ResourceExhausted if the executable's intermediates need more than
-        max_temp_bytes (XLA's memory analysis of what it compiled)."""
-        if not self.max_temp_bytes:
-            return
+    ) -> int:
+        """The executable's intermediates by XLA's memory analysis (0 where the backend
+        does not say); ResourceExhausted over max_temp_bytes."""
         try:
             analysis = executable.memory_analysis()
         except (NotImplementedError, jax.errors.JaxRuntimeError):
-            return  # a backend that does not say
-        temp = getattr(analysis, "temp_size_in_bytes", 0) if analysis is not None else 0
-        if temp > self.max_temp_bytes:
+            return 0  # a backend that does not say
+        temp = int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else 0
+        if self.max_temp_bytes and temp > self.max_temp_bytes:
             raise ResourceExhausted(
                 f"this computation ({request.label}, {bucket} points a chunk) needs {temp} "
                 f"bytes of intermediates by XLA's memory analysis, over this server's "
                 f"{self.max_temp_bytes} (--max-temp-bytes); send fewer points per call, or "
                 "use a kind that forms less (hvp instead of hessian, lanczos instead of exact)"
             )
+        return temp
 
     def _lookup(self, key: tuple, count: bool = True) -> jax.stages.Compiled | None:
         executable = self._cache.get(key)
@@ -328,7 +345,8 @@ class Engine:
         request: EngineRequest,
         signature: Sequence[tuple[tuple[int, ...], np.dtype, bool]],
         bucket: int,
-    ) -> jax.stages.Compiled:
+    ) -> tuple[jax.stages.Compiled, int]:
+        """The executable and its intermediates' bytes."""
         start = time.perf_counter()
         transform = request.transform(program)
         avals = [
@@ -345,7 +363,7 @@ class Engine:
                 out_shardings=split,
             )
         try:
-            executable, supervised = self._lower_and_compile(
+            executable, supervised, temp = self._lower_and_compile(
                 jitted, avals, program, request, signature, bucket
             )
         except (ValueError, TypeError, jax.errors.JaxRuntimeError) as e:
@@ -371,7 +389,7 @@ class Engine:
                 "compiled %s %s bucket=%d in %.3f s",
                 program.function_id[:12], request.label, bucket, seconds,
             )  # fmt: skip
-        return executable
+        return executable, temp
 
     def _lower_and_compile(
         self,
@@ -381,9 +399,9 @@ class Engine:
         request: EngineRequest,
         signature: Sequence[tuple[tuple[int, ...], np.dtype, bool]],
         bucket: int,
-    ) -> tuple[jax.stages.Compiled, float]:
-        """The executable, after the bounds on its size; and the seconds a supervised child
-        spent compiling it first (0 when none did)."""
+    ) -> tuple[jax.stages.Compiled, float, int]:
+        """The executable, after the bounds on its size; the seconds a supervised child
+        spent compiling it first (0 when none did); its intermediates' bytes."""
         with warnings.catch_warnings():
             # Constant folding may overflow to inf; that is the value, not news (program.py).
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -404,5 +422,4 @@ class Engine:
                 # this compile then loads its result from the persistent cache.
                 supervised = self.guard.check(program, request, signature, bucket, lines)
             executable = lowered.compile()
-        self._check_memory(executable, request, bucket)
-        return executable, supervised
+        return executable, supervised, self._check_memory(executable, request, bucket)

@@ -290,7 +290,8 @@ class _Calls:
             nbytes = batch * plan.point_bytes
             if nbytes > servicer.config.max_output_bytes:
                 servicer.check_output(plan.program, plan.task, batch)  # raises, saying why
-            held = servicer.admit(sum(a.nbytes for a in args) + nbytes)
+            temp = servicer.engine.temp_bytes(plan.program, plan.task, args)
+            held = servicer.admit(sum(a.nbytes for a in args) + nbytes + temp)
             try:
                 result = await servicer.batcher.run_async(
                     plan.program,

@@ -566,7 +566,10 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         # Coalesced with concurrent calls of the same computation; a caller that has gone
         # (cancelled, deadline passed, or past --max-call-seconds) is dropped before compute
         # and between chunks of points.
-        held = self.admit(sum(a.nbytes for a in args) + nbytes)
+        # Arguments, result and the intermediates of a chunk (XLA's memory analysis, known
+        # once its executable is compiled).
+        temp = self.engine.temp_bytes(program, task, args)
+        held = self.admit(sum(a.nbytes for a in args) + nbytes + temp)
         try:
             result = self.batcher.run(program, task, args, is_active=is_active)
         except Cancelled:

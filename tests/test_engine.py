@@ -127,3 +127,28 @@ def test_register_warmup_compiles_ahead_of_the_first_call(server_address):
             assert stats.compiles == 4 and stats.hits >= 2
     finally:
         server.stop(None)
+
+
+def test_compiled_and_temp_bytes_describe_the_executable_a_call_would_use():
+    """Engine.compiled (the fast path's "run it on the loop" test) and Engine.temp_bytes
+    (XLA's memory analysis of the intermediates, counted in the in-flight budget)."""
+    program = build_program(
+        hessd_pb2.FunctionSpec(
+            expression=hessd_pb2.Expression(source="sum(tanh(x) ** 2) * sum(x ** 3)"),
+            inputs=[hessd_pb2.InputSpec(name="x", shape=[32], dtype=hessd_pb2.FLOAT64)],
+        )
+    )
+    engine = Engine(max_bucket=8)
+    request = kinds.make_request(program, kinds.Kind.HESSIAN)
+    points = np.ones((3, 32))
+    assert not engine.compiled(program, request, [points])
+    assert engine.temp_bytes(program, request, [points]) == 0
+    engine.run(program, request, [points])
+    assert engine.compiled(program, request, [points])  # bucket 4
+    assert engine.compiled(program, request, [np.ones((4, 32))])  # the same bucket
+    assert not engine.compiled(program, request, [np.ones((5, 32))])  # bucket 8: not yet
+    assert not engine.compiled(program, request, [np.ones((9, 32))])  # two chunks
+    temp = engine.temp_bytes(program, request, [points])
+    assert temp > 0
+    executable = next(iter(engine._cache.values()))
+    assert temp == executable.memory_analysis().temp_size_in_bytes
