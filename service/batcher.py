@@ -231,7 +231,6 @@ class Batcher:
         key: Hashable | None = None,
         quick: Callable[[Sequence[np.ndarray]], bool] | None = None,
         timed: Callable[[float, int], None] | None = None,
-        crowded: bool = False,
     ) -> Output:
         """run() for a caller on the event loop: the same result, errors and limits, with
         the engine called on `executor`. Concurrent callers of one key share a call.
@@ -242,14 +241,12 @@ class Batcher:
             the loop, which saves two thread hand-offs and is for calls known to be short
             and compiled (Engine.compiled).
         timed: told the seconds each engine call of the batch took, and its points.
-        crowded: other calls are in flight that may join: a new batch waits up to
-            max_delay_s for them (or until full) instead of leaving on the loop's next turn.
         """
         loop = asyncio.get_running_loop()
         points = _points(request, args)
         with self._lock:
             self.stats.requests += 1
-        if quick is not None and not crowded and quick(args):
+        if quick is not None and quick(args):
             # Short, compiled and alone: computed now, without suspending the call. On the
             # event loop a suspension and resumption cost more than such an engine call.
             return self._run_alone(program, request, args, points, is_active, timed)
@@ -271,9 +268,8 @@ class Batcher:
         if gathering is None:
             gathering = _Gathering([], 0, quick, timed)
             self._gathering[key] = gathering
-            if crowded or key in self._computing_async:
-                # Wait for company: the batch computing (its end sends this one off), full,
-                # or max_delay_s.
+            if key in self._computing_async:
+                # Wait for the batch computing (its end sends this one off), or max_delay_s.
                 gathering.timer = loop.call_later(
                     self.max_delay_s, self._depart, key, gathering, program, request, executor
                 )

@@ -183,11 +183,9 @@ def hessd_handlers(
     servicer: HessdServicer,
     workers: Executor,
     device: Executor,
-    crowded: Callable[[], bool] = lambda: False,
 ) -> dict[str, grpc.RpcMethodHandler]:
     """hessd.v1.Hessd's handlers: Compute's fast path, the streams read on the loop, and
-    every other method on the worker threads. `crowded` says whether other calls are in
-    flight, so that a fast-path batch may wait for company."""
+    every other method on the worker threads."""
     from hessd.proto.v1 import hessd_pb2_grpc
 
     collector = Collector()
@@ -197,7 +195,7 @@ def hessd_handlers(
     plain = collector.resolve(methods)
     streamed = {f"/{service.full_name}/{name}" for name in ("ComputeStream", "PutStream")}
     handlers = _threaded_handlers({m: h for m, h in plain.items() if m not in streamed}, workers)
-    calls = _Calls(servicer, workers, device, crowded)
+    calls = _Calls(servicer, workers, device)
     compute = f"/{service.full_name}/Compute"
     handlers[compute] = grpc.unary_unary_rpc_method_handler(
         calls.compute,
@@ -234,10 +232,8 @@ class _Calls:
         servicer: HessdServicer,
         workers: Executor,
         device: Executor,
-        crowded: Callable[[], bool],
     ):
         self.servicer, self.workers, self.device = servicer, workers, device
-        self.crowded = crowded
         config = servicer.config
         # Streams being read at once (their buffers are allocated as the header declares).
         self._stream_limit = max(1, config.workers // 2)
@@ -302,7 +298,6 @@ class _Calls:
                     key=plan,
                     quick=functools.partial(self._quick, plan),
                     timed=plan.timed,
-                    crowded=self.crowded(),
                 )
             except Cancelled:
                 elapsed = time.perf_counter() - start

@@ -236,9 +236,7 @@ class AioTransport:
         config = owner.config
         self._workers = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="hessd")
         self._device = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="hessd-device")
-        handlers = hessd_handlers(
-            owner.servicer, self._workers, self._device, lambda: self.router.active > 1
-        )
+        handlers = hessd_handlers(owner.servicer, self._workers, self._device)
         handlers.update(threaded_handlers(owner.oip.add_to_server, oip.METHODS, self._workers))
         self.router = Router(handlers, owner.tokens, owner._draining.is_set)
         self._loop = asyncio.new_event_loop()

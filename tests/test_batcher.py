@@ -393,8 +393,7 @@ def test_async_callers_that_arrive_together_share_one_call_and_get_their_rows():
     async def main() -> list[np.ndarray]:
         with ThreadPoolExecutor(2) as executor:
             calls = [
-                batcher.run_async(TANH, request, [points[i : i + 1]], executor=executor,
-                                  crowded=True)
+                batcher.run_async(TANH, request, [points[i : i + 1]], executor=executor)
                 for i in range(12)
             ]  # fmt: skip
             return await asyncio.gather(*calls)
@@ -438,12 +437,10 @@ def test_async_queue_limit_and_gone_callers():
     async def main() -> list[object]:
         with ThreadPoolExecutor(1) as executor:
             calls = [
-                batcher.run_async(TANH, request, [np.ones((3, 3))], executor=executor,
-                                  crowded=True),
-                batcher.run_async(TANH, request, [np.ones((3, 3))], executor=executor,
-                                  crowded=True),
+                batcher.run_async(TANH, request, [np.ones((3, 3))], executor=executor),
+                batcher.run_async(TANH, request, [np.ones((3, 3))], executor=executor),
                 batcher.run_async(TANH, request, [np.ones((1, 3))], executor=executor,
-                                  crowded=True, is_active=lambda: False),
+                                  is_active=lambda: False),
             ]  # fmt: skip
             return await asyncio.gather(*calls, return_exceptions=True)
 

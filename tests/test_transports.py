@@ -54,7 +54,7 @@ def test_stop_answers_calls_in_flight_and_refuses_new_ones(transport):
             short = pool.submit(c.spectrum, f, x[:2])  # well within it
             time.sleep(0.5)
             start = time.monotonic()
-            stopped = server.stop(grace=2.0)
+            stopped = server.stop(grace=5.0)
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Compute(_gradient_request(small.id), timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -65,7 +65,7 @@ def test_stop_answers_calls_in_flight_and_refuses_new_ones(transport):
             answered = time.monotonic() - start
             assert stopped.wait(10)
         # The grace, then the cancellation: not the runaway's minutes or its deadline.
-        assert answered < 2.0 + 10
+        assert answered < 5.0 + 10
     finally:
         server.stop(None)
 
