@@ -125,7 +125,9 @@ def phases(
         state["decoded"] = plan.decode(request) if plan is not None else None
 
     def server_serialize() -> None:
-        state["response"] = [m.SerializeToString() for m in state["reply"]]
+        state["response"] = [
+            m if isinstance(m, bytes) else m.SerializeToString() for m in state["reply"]
+        ]
 
     def client_decode() -> None:
         state["call"].result(state["response"], streamed)

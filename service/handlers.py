@@ -404,11 +404,11 @@ class _Calls:
 _AHEAD = 4
 
 
-async def _ahead(messages: Iterator[Any], executor: Executor) -> AsyncIterator[bytes]:
-    """`messages`, made and serialised on `executor` at most _AHEAD ahead of the loop that
-    sends them: each is a ~1 MiB copy of the result (two, serialised), which on the loop
-    itself would stall what the loop sends and serves meanwhile (a 256 MiB Jacobian measured
-    15-20% slower so, a packed Hessian 35%)."""
+async def _ahead(messages: Iterator[bytes], executor: Executor) -> AsyncIterator[bytes]:
+    """`messages` (serialised), made on `executor` at most _AHEAD ahead of the loop that
+    sends them: each is a ~1 MiB copy of the result, which on the loop itself would stall
+    what the loop sends and serves meanwhile (a 256 MiB Jacobian measured 15-20% slower so,
+    a packed Hessian 35%)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
     room = threading.Semaphore(_AHEAD)
@@ -421,8 +421,7 @@ async def _ahead(messages: Iterator[Any], executor: Executor) -> AsyncIterator[b
                 room.acquire()
                 if stopped:
                     return
-                # Serialised here too: the handler's serializer is the identity.
-                loop.call_soon_threadsafe(queue.put_nowait, message.SerializeToString())
+                loop.call_soon_threadsafe(queue.put_nowait, message)
             loop.call_soon_threadsafe(queue.put_nowait, end)
         except BaseException as e:  # handed to the loop, which raises it
             loop.call_soon_threadsafe(queue.put_nowait, _Failed(e))

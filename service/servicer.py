@@ -227,20 +227,19 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
             return False
 
     @_rpc
-    def ComputeStream(
-        self, request: Streamed, context: grpc.ServicerContext
-    ) -> Iterator[hessd_pb2.StreamMessage]:
+    def ComputeStream(self, request: Streamed, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The result's StreamMessages, serialised (the transports send them as they are)."""
         header, data = request.header, request.data
         if header.sparse:
             values, pattern, indices = self._compute_sparse(header, context, data)
             response = hessd_pb2.ComputeResponse(sparsity=pattern)
             codec.encode(values, out=response.output, data=False)
-            return stream.send("compute_response", response, [values, *indices])
+            return stream.send_serialized("compute_response", response, [values, *indices])
         result = self._compute(header, context, data)
         response = hessd_pb2.ComputeResponse()
         for out, array in zip(_output_fields(response, result), _arrays(result), strict=True):
             codec.encode(array, out=out, data=False)
-        return stream.send("compute_response", response, _arrays(result))
+        return stream.send_serialized("compute_response", response, _arrays(result))
 
     def _compute_sparse(
         self,

@@ -84,7 +84,7 @@ def hessd_handlers(servicer: HessdServicer) -> dict[str, grpc.RpcMethodHandler]:
     }
     handlers[prefix + "ComputeStream"] = grpc.stream_stream_rpc_method_handler(
         streams.compute_stream,
-        response_serializer=hessd_pb2.StreamMessage.SerializeToString,
+        response_serializer=None,  # the servicer's messages come serialised
         **message,
     )
     handlers[prefix + "PutStream"] = grpc.stream_unary_rpc_method_handler(
@@ -106,7 +106,7 @@ class _Streams:
 
     def compute_stream(
         self, requests: Iterator[Any], context: grpc.ServicerContext
-    ) -> Iterator[hessd_pb2.StreamMessage]:
+    ) -> Iterator[bytes]:
         limit = self.servicer.config.max_request_bytes
         received = self._receive("ComputeStream", requests, context, "compute_request", limit, "")
         return self.servicer.ComputeStream(received, context)

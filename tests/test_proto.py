@@ -96,3 +96,18 @@ def test_lists_and_python_numbers_take_the_function_dtype():
         codec.coerce(np.array([0.1]), np.float32, "v")
     with pytest.raises(codec.TensorError, match="not a rectangular array"):
         codec.coerce([[1.0], [1.0, 2.0]], np.float32, "v")
+
+
+@pytest.mark.parametrize("sizes", [(0,), (1,), (16, 17), (300,), ((1 << 17) + 5, 3)])
+def test_serialised_stream_is_the_messages_serialised(sizes):
+    """stream.send_serialized (the server's, one copy per chunk) gives exactly the bytes of
+    stream.send's messages serialised, whatever the sizes and chunk boundaries."""
+    from hessd.proto import stream
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=n) for n in sizes] + [np.arange(7, dtype=np.int32)]
+    header = hessd_pb2.ComputeResponse()
+    for array in arrays:
+        codec.encode(array, out=header.outputs.add(name="a").tensor, data=False)
+    expected = [m.SerializeToString() for m in stream.send("compute_response", header, arrays)]
+    assert list(stream.send_serialized("compute_response", header, arrays)) == expected
