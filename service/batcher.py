@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Batcher", "BatcherStats"]
 
+_GONE_WAITING = "the call was cancelled or passed its deadline while waiting for its batch"
+
 
 @dataclasses.dataclass
 class BatcherStats:
@@ -307,22 +309,8 @@ class Batcher:
             if waiter.is_active():
                 active.append(waiter)
             else:
-                waiter.future.set_exception(
-                    Cancelled(
-                        "the call was cancelled or passed its deadline while waiting for its batch"
-                    )
-                )
-        if self.observe_queue is not None:
-            now = time.perf_counter()
-            for waiter in active:
-                self.observe_queue(now - waiter.arrived)
-        with self._lock:
-            self.stats.dropped += len(gathering.waiters) - len(active)
-            if active:
-                self.stats.batches += 1
-                self.stats.points += sum(w.points for w in active)
-                if len(active) > 1:
-                    self.stats.coalesced += len(active)
+                waiter.future.set_exception(Cancelled(_GONE_WAITING))
+        self._closed(len(gathering.waiters), active)
         if not active:
             with self._lock:
                 self._queued -= gathering.points
@@ -443,20 +431,8 @@ class Batcher:
                 if caller.is_active():
                     active.append(caller)
                 else:
-                    caller.error = Cancelled(
-                        "the call was cancelled or passed its deadline while waiting for its batch"
-                    )
-            if self.observe_queue is not None:
-                now = time.perf_counter()
-                for caller in active:
-                    self.observe_queue(now - caller.arrived)
-            with self._lock:
-                self.stats.dropped += len(batch.callers) - len(active)
-                if active:
-                    self.stats.batches += 1
-                    self.stats.points += sum(c.points for c in active)
-                    if len(active) > 1:
-                        self.stats.coalesced += len(active)
+                    caller.error = Cancelled(_GONE_WAITING)
+            self._closed(len(batch.callers), active)
             if active:
                 self._compute(program, request, active)
         except BaseException as e:
@@ -475,6 +451,21 @@ class Batcher:
                         self._open[key].go.set()
             for caller in batch.callers:
                 caller.done.set()
+
+    def _closed(self, callers: int, active: Sequence[_Caller | _Waiter]) -> None:
+        """A batch of `callers` closed with `active` of them still there: their waits go
+        to observe_queue, and the statistics count the batch."""
+        if self.observe_queue is not None:
+            now = time.perf_counter()
+            for caller in active:
+                self.observe_queue(now - caller.arrived)
+        with self._lock:
+            self.stats.dropped += callers - len(active)
+            if active:
+                self.stats.batches += 1
+                self.stats.points += sum(c.points for c in active)
+                if len(active) > 1:
+                    self.stats.coalesced += len(active)
 
     def _compute(self, program: Program, request: EngineRequest, callers: list[_Caller]) -> None:
         """One engine call for `callers`; each gets its rows, or the call's exception."""

@@ -21,6 +21,7 @@ method a lenient deserializer, so that bytes which do not parse are INVALID_ARGU
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import functools
 import logging
@@ -40,7 +41,6 @@ from hessd.service import fastpath, parsing
 from hessd.service.errors import (
     Cancelled,
     InvalidArgument,
-    ResourceExhausted,
     ServiceError,
 )
 from hessd.service.security import UNAUTHENTICATED, InFlight, Principal, Tokens
@@ -50,9 +50,12 @@ from hessd.service.servicer import (
     bounded,
     compute_response,
     failure_status,
+    stream_error,
+    stream_idle,
+    streams_busy,
 )
 
-__all__ = ["Collector", "Router", "ThreadContext", "hessd_handlers"]
+__all__ = ["Collector", "Router", "RouterBase", "ThreadContext", "hessd_handlers"]
 
 logger = logging.getLogger(__name__)
 
@@ -246,12 +249,9 @@ class _Calls:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, parsing.refusal("/hessd.v1.Hessd/Compute")
             )
-        request_key = fastpath.key(request)
-        plan = None if request_key is None else self.servicer.plans.get(request_key)
-        if plan is not None:
-            decoded = plan.decode(request)
-            if decoded is not None and self.servicer.holds(plan):
-                return await self._planned(plan, request, *decoded, context)
+        planned = self.servicer.plan_of(request)
+        if planned is not None:
+            return await self._planned(*planned, request, context)
         return await in_thread(self.workers, self.servicer.Compute, request, context)
 
     def _quick(self, plan: fastpath.Plan, args: Sequence[np.ndarray]) -> bool:
@@ -265,9 +265,9 @@ class _Calls:
     async def _planned(
         self,
         plan: fastpath.Plan,
-        request: hessd_pb2.ComputeRequest,
         args: list[np.ndarray],
         batch: int,
+        request: hessd_pb2.ComputeRequest,
         context: grpc.aio.ServicerContext,
     ) -> hessd_pb2.ComputeResponse:
         """A Compute of a key seen before: the full path's checks already hold."""
@@ -362,10 +362,7 @@ class _Calls:
         idle = self.servicer.config.stream_idle_seconds or None
         try:
             if self._streams >= self._stream_limit:
-                raise ResourceExhausted(
-                    f"{self._stream_limit} streams are already being received, half this "
-                    "server's --workers; retry, or send requests under 1 MiB as unary calls"
-                )
+                raise streams_busy(self._stream_limit)
             self._streams += 1
             try:
                 iterator = aiter(requests)
@@ -375,11 +372,8 @@ class _Calls:
                     except StopAsyncIteration:
                         break
                     except TimeoutError:
-                        logger.info("a stream sent nothing for %g s: cancelled", idle)
-                        raise Cancelled(
-                            f"the stream sent nothing for {idle:g} s, this server's "
-                            "--stream-idle-seconds; send its messages without pausing"
-                        ) from None
+                        assert idle is not None  # wait_for times out only with a bound
+                        raise stream_idle(idle) from None
                     if isinstance(message, parsing.Unparsable):
                         raise InvalidArgument(parsing.refusal(f"/hessd.v1.Hessd/{method}", True))
                     receiver.feed(message)
@@ -387,17 +381,12 @@ class _Calls:
             finally:
                 self._streams -= 1
         except (codec.TensorError, ServiceError) as e:
-            if isinstance(e, codec.LimitExceeded):
-                error: ServiceError = ResourceExhausted(f"{e}{flags}")
-            elif isinstance(e, codec.TensorError):
-                error = InvalidArgument(str(e))
-            else:
-                error = e
-            header = receiver.header or hessd_pb2.ComputeRequest()
-            self.servicer.record(method, header, context, error.code, time.perf_counter() - start)
+            error = stream_error(e, flags)
+            assert error is not None  # both kinds have a status
+            summary = receiver.header or hessd_pb2.ComputeRequest()
+            self.servicer.record(method, summary, context, error.code, time.perf_counter() - start)
             await context.abort(error.code, bounded(error.message))
-        data = dict(zip((what for what, _ in stream.tensors(header)), buffers, strict=True))
-        return Streamed(header, data)
+        return Streamed.of(header, buffers)
 
 
 # Messages of a streamed result made ahead of the one being sent.
@@ -444,9 +433,11 @@ class _Failed:
         self.error = error
 
 
-class Router(grpc.GenericRpcHandler):
+class RouterBase(grpc.GenericRpcHandler):
     """The generic handler of the methods in `handlers` (full name → handler): drain,
-    tokens and each token's max_concurrent, then the method's handler."""
+    tokens and each token's max_concurrent, then the method's handler; `active` counts the
+    calls in flight, which a drain waits for. Each transport's Router says how a handler
+    of its kind is refused, counted and bounded."""
 
     def __init__(
         self,
@@ -454,11 +445,11 @@ class Router(grpc.GenericRpcHandler):
         tokens: Tokens,
         draining: Callable[[], bool],
     ):
-        self.handlers = {method: self._counted(h) for method, h in handlers.items()}
         self.tokens = tokens
         self.draining = draining
         self.in_flight = InFlight()
-        self.active = 0  # calls of these methods in flight: what a drain waits for
+        self.active = 0
+        self.handlers = {method: self._counted(h) for method, h in handlers.items()}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -467,86 +458,105 @@ class Router(grpc.GenericRpcHandler):
         if handler is None:
             return None
         if self.draining():
-            return _refuse(
+            return self._refuse(
                 handler,
                 grpc.StatusCode.UNAVAILABLE,
                 "this server is shutting down; retry another replica",
             )
         principal = self.tokens.identify(handler_call_details.invocation_metadata)
         if principal is None:
-            return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+            return self._refuse(handler, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
         if principal.max_concurrent is None:
             return handler
         return self._bounded(handler, principal)
 
+    @abc.abstractmethod
+    def _refuse(
+        self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+    ) -> grpc.RpcMethodHandler:
+        """A handler in place of `handler` that answers `code` at once, reading nothing."""
+
+    @abc.abstractmethod
     def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """`handler`, counted in `active` for as long as it runs."""
-        options = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.stream_stream is not None:
-            streaming = handler.stream_stream
 
-            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                self.active += 1
-                try:
-                    async for message in streaming(requests, context):
-                        yield message
-                finally:
-                    self.active -= 1
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
-        behavior = handler.unary_unary or handler.stream_unary
-        assert behavior is not None  # hessd has no server-streaming methods
-
-        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            self.active += 1
-            try:
-                return await behavior(request, context)
-            finally:
-                self.active -= 1
-
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(counted, **options)
-        return grpc.unary_unary_rpc_method_handler(counted, **options)
-
+    @abc.abstractmethod
     def _bounded(
         self, handler: grpc.RpcMethodHandler, principal: Principal
     ) -> grpc.RpcMethodHandler:
         """`handler`, counted against its token's max_concurrent for as long as it runs."""
-        in_flight = self.in_flight
-        options = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+
+
+class Router(RouterBase):
+    """The asyncio transport's router: its handlers are coroutines."""
+
+    def _refuse(
+        self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+    ) -> grpc.RpcMethodHandler:
+        refuse = _refusal_behavior(code, message)
         if handler.stream_stream is not None:
-            streaming = handler.stream_stream
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
-            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                if reason := in_flight.enter(principal):
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
-                try:
-                    async for message in streaming(requests, context):
-                        yield message
-                finally:
-                    in_flight.leave(principal)
+    def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        async def enter(context: grpc.aio.ServicerContext) -> None:
+            self.active += 1
 
-            return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
-        behavior = handler.unary_unary or handler.stream_unary
-        assert behavior is not None  # hessd has no server-streaming methods
+        def leave() -> None:
+            self.active -= 1
 
-        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return _around(handler, enter, leave)
+
+    def _bounded(
+        self, handler: grpc.RpcMethodHandler, principal: Principal
+    ) -> grpc.RpcMethodHandler:
+        in_flight = self.in_flight
+
+        async def enter(context: grpc.aio.ServicerContext) -> None:
             if reason := in_flight.enter(principal):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
-            try:
-                return await behavior(request, context)
-            finally:
-                in_flight.leave(principal)
 
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(counted, **options)
-        return grpc.unary_unary_rpc_method_handler(counted, **options)
+        return _around(handler, enter, lambda: in_flight.leave(principal))
+
+
+def _around(
+    handler: grpc.RpcMethodHandler,
+    enter: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
+    leave: Callable[[], None],
+) -> grpc.RpcMethodHandler:
+    """`handler` (async), with `enter` awaited before it runs (it may abort the call) and
+    `leave` called once it has ended, a streamed result's last message sent included."""
+    options = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.stream_stream is not None:
+        streaming = handler.stream_stream
+
+        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            await enter(context)
+            try:
+                async for message in streaming(requests, context):
+                    yield message
+            finally:
+                leave()
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
+    behavior = handler.unary_unary or handler.stream_unary
+    assert behavior is not None  # hessd has no server-streaming methods
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await enter(context)
+        try:
+            return await behavior(request, context)
+        finally:
+            leave()
+
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary, **options)
+    return grpc.unary_unary_rpc_method_handler(unary, **options)
 
 
 @functools.cache
@@ -555,15 +565,3 @@ def _refusal_behavior(code: grpc.StatusCode, message: str) -> Callable[..., Awai
         await context.abort(code, message)
 
     return refuse
-
-
-def _refuse(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler:
-    """A handler of `handler`'s shape that answers `code` at once, reading nothing."""
-    refuse = _refusal_behavior(code, message)
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)

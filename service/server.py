@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = hessd_pb2.DESCRIPTOR.services_by_name["Hessd"].full_name
 T = TypeVar("T")
+# What health reports SERVING once started: the server as a whole and each service.
+_HEALTH_SERVICES = ("", SERVICE_NAME, oip.SERVICE_NAME)
 
 
 class HessdServer:
@@ -207,7 +209,7 @@ class ThreadTransport:
 
     def start(self) -> None:
         self._server.start()
-        for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
+        for service in _HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def not_serving(self) -> None:
@@ -274,7 +276,7 @@ class AioTransport:
 
     async def _start(self) -> None:
         await self._server.start()
-        for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
+        for service in _HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def not_serving(self) -> None:

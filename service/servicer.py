@@ -54,7 +54,17 @@ from hessd.service.resident import ResidentStore
 from hessd.service.security import EXPORT, Tokens
 from hessd.service.variable import Wrt
 
-__all__ = ["HessdServicer", "Streamed", "abort", "bounded", "compute_response", "failure_status"]
+__all__ = [
+    "HessdServicer",
+    "Streamed",
+    "abort",
+    "bounded",
+    "compute_response",
+    "failure_status",
+    "stream_error",
+    "stream_idle",
+    "streams_busy",
+]
 
 logger = logging.getLogger(__name__)
 E = TypeVar(
@@ -106,6 +116,40 @@ class Streamed:
 
     header: Any
     data: dict[str, memoryview]
+
+    @classmethod
+    def of(cls, header: Any, buffers: list[memoryview]) -> Streamed:
+        """From stream.Receiver's header and buffers, named as stream.tensors names them."""
+        return cls(header, dict(zip((w for w, _ in stream.tensors(header)), buffers, strict=True)))
+
+
+def streams_busy(limit: int) -> ResourceExhausted:
+    """A stream refused because `limit` are being read (each transport reads at most half
+    its --workers at once)."""
+    return ResourceExhausted(
+        f"{limit} streams are already being received, half this server's --workers; retry, "
+        "or send requests under 1 MiB as unary calls"
+    )
+
+
+def stream_idle(seconds: float) -> Cancelled:
+    """A stream cancelled for sending nothing for --stream-idle-seconds."""
+    logger.info("a stream sent nothing for %g s: cancelled", seconds)
+    return Cancelled(
+        f"the stream sent nothing for {seconds:g} s, this server's --stream-idle-seconds; "
+        "send its messages without pausing"
+    )
+
+
+def stream_error(error: Exception, flags: str) -> ServiceError | None:
+    """The status of a failure while a stream was read: a declared size over the limit
+    (`flags` names the limits), bytes that disagree with the header, or a ServiceError as
+    is; None for anything else."""
+    if isinstance(error, codec.LimitExceeded):
+        return ResourceExhausted(f"{error}{flags}")
+    if isinstance(error, codec.TensorError):
+        return InvalidArgument(str(error))
+    return error if isinstance(error, ServiceError) else None
 
 
 # A status message travels in a header (percent-encoded beyond ASCII) under the peer's
@@ -210,21 +254,31 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
     ) -> Output | None:
         """The result of a Compute whose plan is known (service/fastpath.py), computed
         without redoing its checks; None when the full path must take it."""
+        planned = self.plan_of(request)
+        if planned is None:
+            return None
+        plan, args, _ = planned
+        return self._run(plan.program, plan.task, args, context)
+
+    def plan_of(
+        self, request: hessd_pb2.ComputeRequest
+    ) -> tuple[fastpath.Plan, list[np.ndarray], int] | None:
+        """The plan of a Compute, its engine args (views of its bytes) and its number of
+        points; None when the full path must take it: no plan for its key, bytes that do
+        not match their shapes, or a function no longer registered as planned."""
         request_key = fastpath.key(request)
         plan = None if request_key is None else self.plans.get(request_key)
         if plan is None:
             return None
         decoded = plan.decode(request)
-        if decoded is None or not self.holds(plan):
+        if decoded is None:
             return None
-        return self._run(plan.program, plan.task, decoded[0], context)
-
-    def holds(self, plan: fastpath.Plan) -> bool:
-        """Whether the plan's program is still the one registered under its id."""
         try:
-            return self.registry.get(plan.program.function_id) is plan.program
+            if self.registry.get(plan.program.function_id) is not plan.program:
+                return None
         except NotFound:
-            return False
+            return None
+        return plan, *decoded
 
     @_rpc
     def ComputeStream(self, request: Streamed, context: grpc.ServicerContext) -> Iterator[bytes]:

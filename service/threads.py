@@ -25,13 +25,21 @@ from typing import Any
 
 import grpc
 
-from hessd.proto import codec, stream
+from hessd.proto import stream
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service import parsing
-from hessd.service.errors import Cancelled, InvalidArgument, ResourceExhausted, ServiceError
-from hessd.service.handlers import Collector
-from hessd.service.security import UNAUTHENTICATED, InFlight, Principal, Tokens
-from hessd.service.servicer import HessdServicer, Streamed, abort, bounded
+from hessd.service.errors import InvalidArgument
+from hessd.service.handlers import Collector, RouterBase
+from hessd.service.security import Principal, Tokens
+from hessd.service.servicer import (
+    HessdServicer,
+    Streamed,
+    abort,
+    bounded,
+    stream_error,
+    stream_idle,
+    streams_busy,
+)
 
 __all__ = ["Router", "hessd_handlers", "plain_handlers"]
 
@@ -134,10 +142,7 @@ class _Streams:
         watch = _IdleWatch(context, self.servicer.config.stream_idle_seconds)
         try:
             if not self._slots.acquire(blocking=False):
-                raise ResourceExhausted(
-                    f"{self._limit} streams are already being received, half this server's "
-                    "--workers; retry, or send requests under 1 MiB as unary calls"
-                )
+                raise streams_busy(self._limit)
             try:
                 with watch:
                     for message in requests:
@@ -151,18 +156,8 @@ class _Streams:
             finally:
                 self._slots.release()
         except Exception as e:
-            if watch.expired:
-                error: Exception = Cancelled(
-                    f"the stream sent nothing for {watch.seconds:g} s, this server's "
-                    "--stream-idle-seconds; send its messages without pausing"
-                )
-            elif isinstance(e, codec.LimitExceeded):
-                error = ResourceExhausted(f"{e}{flags}")
-            elif isinstance(e, codec.TensorError):
-                error = InvalidArgument(str(e))
-            else:
-                error = e
-            if isinstance(error, ServiceError):
+            error = stream_idle(watch.seconds) if watch.expired else stream_error(e, flags)
+            if error is not None:
                 code, message = error.code, error.message
             elif not context.is_active():  # the client went away while sending
                 code, message = grpc.StatusCode.CANCELLED, "the client cancelled the call"
@@ -171,8 +166,7 @@ class _Streams:
             summary = receiver.header or hessd_pb2.ComputeRequest()
             self.servicer.record(method, summary, context, code, time.perf_counter() - start)
             abort(context, code, bounded(message))
-        data = dict(zip((what for what, _ in stream.tensors(header)), buffers, strict=True))
-        return Streamed(header, data)
+        return Streamed.of(header, buffers)
 
 
 class _IdleWatch:
@@ -192,8 +186,6 @@ class _IdleWatch:
 
     def __exit__(self, *exc_info: object) -> None:
         self._done.set()
-        if self.expired:
-            logger.info("a stream sent nothing for %g s: cancelled", self.seconds)
 
     def _watch(self) -> None:
         while not self._done.wait(min(1.0, self.seconds / 4)):
@@ -203,10 +195,8 @@ class _IdleWatch:
                 return
 
 
-class Router(grpc.GenericRpcHandler):
-    """The generic handler of the methods in `handlers` (full name → handler): drain,
-    tokens and each token's max_concurrent, then the method's handler; `active` counts the
-    calls in flight, which a drain waits for."""
+class Router(RouterBase):
+    """The threaded transport's router: its handlers are plain functions, run on threads."""
 
     def __init__(
         self,
@@ -214,29 +204,16 @@ class Router(grpc.GenericRpcHandler):
         tokens: Tokens,
         draining: Callable[[], bool],
     ):
-        self.handlers = {method: self._counted(h) for method, h in handlers.items()}
-        self.tokens = tokens
-        self.draining = draining
-        self.in_flight = InFlight()
-        self.active = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # `active` changes on many threads
+        super().__init__(handlers, tokens, draining)
 
-    def service(
-        self, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = self.handlers.get(handler_call_details.method)
-        if handler is None:
-            return None
-        if self.draining():
-            return _refuse(
-                grpc.StatusCode.UNAVAILABLE, "this server is shutting down; retry another replica"
-            )
-        principal = self.tokens.identify(handler_call_details.invocation_metadata)
-        if principal is None:
-            return _refuse(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
-        if principal.max_concurrent is None:
-            return handler
-        return _rewrap(handler, lambda behavior: self._bounded(behavior, principal))
+    def _refuse(
+        self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+    ) -> grpc.RpcMethodHandler:
+        def refuse(request: object, context: grpc.ServicerContext) -> None:
+            context.abort(code, message)
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
     def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         streaming = handler.stream_stream is not None
@@ -268,18 +245,23 @@ class Router(grpc.GenericRpcHandler):
         finally:
             self._count(-1)
 
-    def _bounded(self, behavior: _Behavior, principal: Principal) -> _Behavior:
+    def _bounded(
+        self, handler: grpc.RpcMethodHandler, principal: Principal
+    ) -> grpc.RpcMethodHandler:
         in_flight = self.in_flight
 
-        def bounded_call(request: Any, context: grpc.ServicerContext) -> Any:
-            if reason := in_flight.enter(principal):
-                abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
-            try:
-                return behavior(request, context)
-            finally:
-                in_flight.leave(principal)
+        def bounding(behavior: _Behavior) -> _Behavior:
+            def bounded_call(request: Any, context: grpc.ServicerContext) -> Any:
+                if reason := in_flight.enter(principal):
+                    abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+                try:
+                    return behavior(request, context)
+                finally:
+                    in_flight.leave(principal)
 
-        return bounded_call
+            return bounded_call
+
+        return _rewrap(handler, bounding)
 
 
 def _rewrap(
@@ -297,10 +279,3 @@ def _rewrap(
         return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **options)
     assert handler.unary_unary is not None  # hessd has no server-streaming methods
     return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **options)
-
-
-def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    def refuse(request: object, context: grpc.ServicerContext) -> None:
-        context.abort(code, message)
-
-    return grpc.unary_unary_rpc_method_handler(refuse)
