@@ -20,7 +20,7 @@ import numpy as np
 
 from hessd.client import AsyncClient, Client
 
-from _timing import cpu_seconds, interleaved, median_ms
+from _timing import closed_loop, cpu_seconds, interleaved, median_ms
 from _wire import COMPUTE, Floor, Wire, echo_channel, wire_of
 from _workloads import Workload
 
@@ -144,18 +144,10 @@ async def concurrent_rates(
     process, with CONCURRENCY calls in flight, CALLS_PER_ROUND calls per round, rounds
     alternated."""
 
-    async def closed_loop(call: Callable[[], Awaitable[object]], server_pid: int) -> dict:
-        remaining = CALLS_PER_ROUND
-
-        async def caller() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                await call()
-
+    async def measured(call: Callable[[], Awaitable[object]], server_pid: int) -> dict:
         client_cpu, server_cpu = cpu_seconds(), cpu_seconds(server_pid)
         start = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+        await closed_loop(call, CALLS_PER_ROUND, CONCURRENCY)
         seconds = time.perf_counter() - start
         return {
             "per_s": CALLS_PER_ROUND / seconds,
@@ -178,10 +170,10 @@ async def concurrent_rates(
             name: collections.defaultdict(list) for name in methods
         }
         for name, call in methods.items():
-            await closed_loop(call, pids[name])  # warm-up
+            await measured(call, pids[name])  # warm-up
         for _ in range(rounds):
             for name, call in methods.items():
-                for key, value in (await closed_loop(call, pids[name])).items():
+                for key, value in (await measured(call, pids[name])).items():
                     found[name][key].append(value)
     return found
 

@@ -3,6 +3,7 @@ waiting for a quiet machine, and writing the results as JSON."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import json
@@ -12,11 +13,12 @@ import pathlib
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 __all__ = [
     "Timed",
+    "closed_loop",
     "cpu_seconds",
     "interleaved",
     "median_ms",
@@ -123,3 +125,16 @@ def write_json(path: pathlib.Path, record: object) -> None:
     """`record` as indented JSON at `path`, its folder made if missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+async def closed_loop(call: Callable[[], Awaitable[object]], calls: int, concurrency: int) -> None:
+    """`calls` awaits of `call`, `concurrency` of them in flight at any time."""
+    remaining = calls
+
+    async def caller() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call()
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))

@@ -49,7 +49,7 @@ from hessd.client import AsyncClient, Client, Function, _requests
 from hessd.proto.v1 import hessd_pb2
 
 from _servers import start_server
-from _timing import write_json
+from _timing import closed_loop, write_json
 
 N = 8
 CONCURRENCY = 64
@@ -104,25 +104,17 @@ async def async_interleaved(
 ) -> dict[str, float]:
     """As `interleaved`, with CONCURRENCY calls in flight."""
 
-    async def closed_loop(call: Callable[[], Awaitable[object]]) -> float:
-        remaining = calls
-
-        async def caller() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                await call()
-
+    async def measured(call: Callable[[], Awaitable[object]]) -> float:
         start = time.process_time()
-        await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+        await closed_loop(call, calls, CONCURRENCY)
         return 1e6 * (time.process_time() - start) / calls
 
     per_round: dict[str, list[float]] = {name: [] for name in methods}
     for call in methods.values():
-        await closed_loop(call)  # warm-up
+        await measured(call)  # warm-up
     for _ in range(rounds):
         for name, call in methods.items():
-            per_round[name].append(await closed_loop(call))
+            per_round[name].append(await measured(call))
     return {name: statistics.median(found) for name, found in per_round.items()}
 
 

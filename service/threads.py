@@ -17,7 +17,6 @@ computing, a health check waits for one.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +42,6 @@ from hessd.service.servicer import (
 
 __all__ = ["Router", "hessd_handlers", "plain_handlers"]
 
-logger = logging.getLogger(__name__)
 
 _Behavior = Callable[[Any, grpc.ServicerContext], Any]
 

@@ -511,19 +511,7 @@ def request_bytes(draw, function_ids: dict[bytes, str]) -> tuple[str, bytes]:
             data = draw(spectrum_requests(function_ids)).SerializeToString()
         case _:
             data = hessd_pb2.RegisterRequest(spec=draw(function_specs())).SerializeToString()
-    data = bytearray(data)
-    for _ in range(draw(st.integers(1, 4))):
-        at = draw(st.integers(0, len(data)))
-        match draw(st.integers(0, 3)):
-            case 0 if at < len(data):
-                data[at] ^= 1 << draw(st.integers(0, 7))
-            case 1:
-                data[at:at] = draw(st.binary(min_size=1, max_size=8))
-            case 2:
-                del data[at : at + draw(st.integers(1, 8))]
-            case _:
-                data = data[:at]
-    return method, bytes(data)
+    return method, draw(_corrupted(data))
 
 
 def test_random_bytes_as_requests_get_a_typed_error(channel, stub, function_ids):
