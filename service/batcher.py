@@ -19,10 +19,15 @@ rest, calls the engine once and hands each caller its own rows. The others (foll
 until the leader has answered them. Every caller of a batch sees that call's exception.
 
 `run_async` is the same batching for callers on one asyncio event loop (the server's fast
-path): a batch is a list of futures, it departs on the loop's next turn when its key is idle
-(so that the calls one poll of the transport delivers share it), when a batch of its key
-finishes computing, when it is full, or after max_delay_s; its engine call runs on an
-executor, and the loop thread never blocks. Both share the limits and the statistics.
+path), where the engine call of a small computation is cheap but the loop's own work per
+call is not: a batch is a list of futures, and it also waits while calls keep joining it,
+until the loop has turned IDLE_TURNS times without one. On a busy loop each turn is another
+call's work, so concurrent calls gather (measured on 2 cores, single-point gradients at 64
+in flight over gRPC: ~5 calls a batch, 2,000 -> 3,700 calls/s); on an idle one the turns
+take microseconds. A wait that found no one makes the next lone calls of that computation
+go at once (1, 3, 7, ... up to MAX_SKIP), without suspending when the call is quick. The
+engine call runs on the loop when short and compiled, else on an executor. Both share the
+limits and the statistics.
 """
 
 from __future__ import annotations
@@ -97,10 +102,49 @@ class _Gathering:
 
     waiters: list[_Waiter]
     points: int
+    company: _Company
+    waited: bool  # whether it waits for company, or goes on the loop's next turn
+    opened: float  # loop time of its first caller
+    idle: int = 0  # turns of the loop in a row in which no caller joined
+    joins: int = 0  # callers joined since the last turn
     quick: Callable[[Sequence[np.ndarray]], bool] | None = None
     timed: Callable[[float, int], None] | None = None
     timer: asyncio.Handle | None = None
     departed: bool = False
+
+
+# The most lone calls let go at once between two waits for company that found none.
+MAX_SKIP = 255
+
+
+@dataclasses.dataclass(eq=False)
+class _Company:
+    """Whether run_async's new batches of one computation wait for company: `skip` counts
+    the lone calls that still go at once before the next wait, and `backoff` is what it is
+    reset to after a wait that found no one (doubling, up to MAX_SKIP)."""
+
+    backoff: int = 0
+    skip: int = 0
+
+    def waits(self) -> bool:
+        """Whether a new batch waits for company; counts a lone call let go if not."""
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+    def found(self, gathering: _Gathering) -> None:
+        """Learn from a batch as it departs."""
+        if len(gathering.waiters) > 1:
+            self.backoff = self.skip = 0
+        elif gathering.waited:  # waited, and no one came
+            self.backoff = self.skip = min(2 * self.backoff + 1, MAX_SKIP)
+
+
+# A batch waiting for company goes after this many turns of the event loop in which no
+# call joined it: while the loop is busy with other calls, its turns are long and calls
+# keep joining; once it is idle, its turns are microseconds.
+IDLE_TURNS = 16
 
 
 @dataclasses.dataclass(eq=False)
@@ -136,7 +180,7 @@ class Batcher:
         engine: Engine,
         *,
         max_size: int = 64,
-        max_delay_s: float = 0.0005,
+        max_delay_s: float = 0.002,
         max_queue: int = 4096,
         observe_queue: Callable[[float], None] | None = None,
     ):
@@ -160,6 +204,9 @@ class Batcher:
         # run_async's state, touched on the event loop's thread only.
         self._gathering: dict[Hashable, _Gathering] = {}
         self._computing_async: dict[Hashable, int] = {}
+        # By computation (the caller's key, without shared inputs' digests): what its
+        # batches found of company.
+        self._companies: dict[Hashable, _Company] = {}
 
     @property
     def queued(self) -> int:
@@ -237,6 +284,15 @@ class Batcher:
         """run() for a caller on the event loop: the same result, errors and limits, with
         the engine called on `executor`. Concurrent callers of one key share a call.
 
+        A new batch waits for company: while a batch of its key computes (it goes when
+        that one ends), and otherwise while calls keep joining it, that is until IDLE_TURNS
+        turns of the loop in a row bring none; at most max_delay_s, and it goes at once
+        when it holds max_size points. A wait that finds no one lets the next 1, 3, 7, ...
+        (up to MAX_SKIP) lone calls of its computation go at once, a quick one without
+        suspending, before the next wait; one that finds company ends that. So calls one
+        at a time pay a wait (IDLE_TURNS turns of an idle loop: microseconds) once in
+        MAX_SKIP + 1 at most, and concurrent calls share their engine calls.
+
         key: stands for (program, request, per-point shapes and dtypes) when the caller
             has one (the fast path's plan); the shared inputs' digests are added to it.
         quick: asked with a batch's args as it departs; True runs the engine right there on
@@ -248,43 +304,78 @@ class Batcher:
         points = _points(request, args)
         with self._lock:
             self.stats.requests += 1
-        if quick is not None and quick(args):
-            # Short, compiled and alone: computed now, without suspending the call. On the
-            # event loop a suspension and resumption cost more than such an engine call.
-            return self._run_alone(program, request, args, points, is_active, timed)
         if self.max_delay_s == 0 or points > self.max_size or points == 0 or not request.coalesces:
+            if quick is not None and quick(args):
+                return self._run_alone(program, request, args, points, is_active, timed)
             return await loop.run_in_executor(
                 executor, self._run_alone, program, request, args, points, is_active, timed
             )
+        computation = (program.function_id, request) if key is None else key
         key = _key(program, request, args, key)
+        gathering = self._gathering.get(key)
+        if gathering is not None and gathering.points + points > self.max_size:
+            self._depart(key, gathering, program, request, executor)
+            gathering = None
+        if gathering is None:
+            company = self._company(computation)
+            waits = key in self._computing_async or company.waits()
+            if not waits and quick is not None and quick(args):
+                # Short, compiled and alone: computed now, without suspending the call. On
+                # the event loop a suspension and resumption cost more than such a call.
+                return self._run_alone(program, request, args, points, is_active, timed)
         with self._lock:
             if self._queued + points > self.max_queue:
                 self.stats.rejected += 1
                 raise self._queue_full(points)
             self._queued += points
         waiter = _Waiter(args, points, is_active, loop.create_future())
-        gathering = self._gathering.get(key)
-        if gathering is not None and gathering.points + points > self.max_size:
-            self._depart(key, gathering, program, request, executor)
-            gathering = None
         if gathering is None:
-            gathering = _Gathering([], 0, quick, timed)
+            gathering = _Gathering([], 0, company, waits, loop.time(), quick=quick, timed=timed)
             self._gathering[key] = gathering
+            then = (key, gathering, program, request, executor)
             if key in self._computing_async:
-                # Wait for the batch computing (its end sends this one off), or max_delay_s.
-                gathering.timer = loop.call_later(
-                    self.max_delay_s, self._depart, key, gathering, program, request, executor
-                )
+                # For the batch computing (its end sends this one off), or max_delay_s.
+                gathering.timer = loop.call_later(self.max_delay_s, self._depart, *then)
+            elif waits:
+                # For company, while calls keep coming (or max_delay_s).
+                gathering.timer = loop.call_soon(self._turn, *then)
             else:
-                # Idle: off on the loop's next turn, with whoever arrives in this one.
-                gathering.timer = loop.call_soon(
-                    self._depart, key, gathering, program, request, executor
-                )
+                # Off on the loop's next turn, with whoever arrives in this one.
+                gathering.timer = loop.call_soon(self._depart, *then)
+        gathering.joins += 1
         gathering.waiters.append(waiter)
         gathering.points += points
         if gathering.points == self.max_size:
             self._depart(key, gathering, program, request, executor)
         return await waiter.future
+
+    def _company(self, computation: Hashable) -> _Company:
+        company = self._companies.get(computation)
+        if company is None:
+            if len(self._companies) >= 4096:  # bounded: computations come and go
+                self._companies.clear()
+            company = self._companies[computation] = _Company()
+        return company
+
+    def _turn(
+        self,
+        key: Hashable,
+        gathering: _Gathering,
+        program: Program,
+        request: EngineRequest,
+        executor: Executor,
+    ) -> None:
+        """A turn of the loop for a batch waiting for company: it goes after IDLE_TURNS
+        turns in a row in which no call joined it, or max_delay_s after its first call."""
+        if gathering.departed:
+            return
+        gathering.idle = 0 if gathering.joins else gathering.idle + 1
+        gathering.joins = 0
+        loop = asyncio.get_running_loop()
+        if gathering.idle >= IDLE_TURNS or loop.time() - gathering.opened >= self.max_delay_s:
+            self._depart(key, gathering, program, request, executor)
+        else:
+            gathering.timer = loop.call_soon(self._turn, key, gathering, program, request, executor)
 
     def _depart(
         self,
@@ -300,6 +391,7 @@ class Batcher:
         gathering.departed = True
         if gathering.timer is not None:
             gathering.timer.cancel()
+        gathering.company.found(gathering)
         if self._gathering.get(key) is gathering:
             del self._gathering[key]
         active = []

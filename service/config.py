@@ -40,9 +40,10 @@ class ServerConfig:
         "requests run alone",
     )
     batch_max_delay_us: int = _field(
-        500,
-        "longest a request waits for others while a batch of the same computation is "
-        "computing; 0 turns dynamic batching off",
+        2000,
+        "longest a request waits for others of the same computation to share its device "
+        "call (while one of it computes, or, on the asyncio transport, while such calls "
+        "keep arriving); 0 turns dynamic batching off",
     )
     batch_max_queue: int = _field(
         4096,

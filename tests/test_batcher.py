@@ -6,6 +6,7 @@ test admits callers one by one (each admitted once batcher.queued has grown by i
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import pytest
 
 from hessd.proto.v1 import hessd_pb2
 from hessd.service import kinds
-from hessd.service.batcher import Batcher
+from hessd.service.batcher import IDLE_TURNS, Batcher
 from hessd.service.engine import Engine, bucket_for
 from hessd.service.errors import Cancelled, InvalidArgument, ResourceExhausted
 from hessd.service.program import build_program
@@ -424,6 +425,100 @@ def test_async_quick_lone_caller_computes_at_once_on_the_loop():
     result = asyncio.run(main())
     assert engine.calls[0][1] == threading.get_ident()  # this thread: the loop's
     assert result.shape == (2, 3) and timings and timings[0][1] == 2
+
+
+async def _turns_counted(counter: list[int]) -> None:
+    """Counts the event loop's turns into counter[0] until cancelled."""
+    while True:
+        counter[0] += 1
+        await asyncio.sleep(0)
+
+
+def test_async_callers_that_keep_arriving_wait_for_each_other():
+    # One a turn apart: a batch waiting for company takes each while they keep coming.
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = GatedEngine()
+    batcher = Batcher(engine, max_size=64, max_delay_s=10.0)
+    request = kinds.make_request(TANH, Kind.GRADIENT)
+    points = np.random.default_rng(1).normal(size=(6, 3))
+
+    async def main() -> list[np.ndarray]:
+        with ThreadPoolExecutor(1) as executor:
+            calls = []
+            for i in range(6):
+                calls.append(asyncio.create_task(
+                    batcher.run_async(TANH, request, [points[i : i + 1]], executor=executor)
+                ))  # fmt: skip
+                for _ in range(IDLE_TURNS // 2):
+                    await asyncio.sleep(0)
+            return await asyncio.gather(*calls)
+
+    results = asyncio.run(main())
+    assert engine.points == [6]
+    for i, rows in enumerate(results):
+        allclose(rows, 2 * np.tanh(points[i : i + 1]) / np.cosh(points[i : i + 1]) ** 2)
+
+
+def test_async_lone_callers_back_off_from_waiting_and_company_resets_it():
+    # A wait that finds no one lets the next 1, 3, 7, ... lone calls go at once (a quick one
+    # computed before the loop turns again); company makes the next lone call wait again.
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = GatedEngine()
+    batcher = Batcher(engine, max_size=64, max_delay_s=10.0)
+    request = kinds.make_request(TANH, Kind.GRADIENT)
+    turns = [0]
+    waited: list[bool] = []
+
+    async def lone(executor) -> None:
+        before = turns[0]
+        await batcher.run_async(
+            TANH, request, [np.ones((1, 3))], executor=executor, quick=lambda args: True
+        )
+        waited.append(turns[0] - before >= IDLE_TURNS)
+
+    async def main() -> None:
+        ticker = asyncio.create_task(_turns_counted(turns))
+        await asyncio.sleep(0)
+        with ThreadPoolExecutor(1) as executor:
+            for _ in range(14):
+                await lone(executor)
+            await asyncio.gather(*(lone(executor) for _ in range(3)))  # company
+            await lone(executor)
+        ticker.cancel()
+
+    asyncio.run(main())
+    wait, once = True, False
+    assert waited[:14] == [wait, once, wait, once, once, once, wait] + [once] * 7
+    assert engine.points[14] == 3  # the next wait found company: the three together
+    assert waited[17] is True  # company seen: the next lone call waits for more
+
+
+def test_async_wait_for_company_ends_at_max_delay():
+    # A call every turn of the loop: company never stops coming, and max_delay_s ends it.
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = GatedEngine()
+    batcher = Batcher(engine, max_size=4096, max_delay_s=0.05, max_queue=4096)
+    request = kinds.make_request(TANH, Kind.GRADIENT)
+
+    async def main() -> float:
+        with ThreadPoolExecutor(1) as executor:
+            calls = []
+            start = time.perf_counter()
+            while not engine.calls and len(calls) < 4096:
+                calls.append(asyncio.create_task(
+                    batcher.run_async(TANH, request, [np.ones((1, 3))], executor=executor)
+                ))  # fmt: skip
+                await asyncio.sleep(0)
+            first = time.perf_counter() - start
+            await asyncio.gather(*calls)
+            return first
+
+    first = asyncio.run(main())
+    assert 1 < engine.points[0] < 4096  # it gathered, and did not wait to be full
+    assert 0.05 <= first < 5.0
 
 
 def test_async_queue_limit_and_gone_callers():
