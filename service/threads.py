@@ -1,5 +1,5 @@
-"""The threaded transport (--server threads, the default): hessd.v1's and the Open
-Inference Protocol's handlers for a grpc.server over a pool of threads.
+"""The threaded transport (--server threads; the default is --server aio): hessd.v1's and
+the Open Inference Protocol's handlers for a grpc.server over a pool of threads.
 
 Each call runs on a pool thread from its first byte to its answer: the servicer's methods
 as written, with Compute's fast path inside HessdServicer.Compute. What the asyncio
@@ -10,8 +10,9 @@ cancelled when their client sends nothing for --stream-idle-seconds.
 
 It is the older model, kept for comparison and for machines where it measures faster: on
 the 2-core machine here, quiet, it served 1,583 small calls/s at 64 in flight against the
-asyncio transport's 1,999; with other processes busy on the same cores it did better than
-the asyncio one. What it cannot promise is the asyncio transport's: with every thread
+asyncio transport's 1,999 (before batches on the event loop waited for company, which took
+the asyncio transport to ~3,400); with other processes busy on the same cores it did better
+than the asyncio one then. What it cannot promise is the asyncio transport's: with every thread
 computing, a health check waits for one.
 """
 
