@@ -500,7 +500,7 @@ def test_async_wait_for_company_ends_at_max_delay():
     from concurrent.futures import ThreadPoolExecutor
 
     engine = GatedEngine()
-    batcher = Batcher(engine, max_size=4096, max_delay_s=0.05, max_queue=4096)
+    batcher = Batcher(engine, max_size=4096, max_delay_s=0.02, max_queue=4096)
     request = kinds.make_request(TANH, Kind.GRADIENT)
 
     async def main() -> float:
@@ -518,7 +518,7 @@ def test_async_wait_for_company_ends_at_max_delay():
 
     first = asyncio.run(main())
     assert 1 < engine.points[0] < 4096  # it gathered, and did not wait to be full
-    assert 0.05 <= first < 5.0
+    assert 0.02 <= first < 5.0
 
 
 def test_async_queue_limit_and_gone_callers():

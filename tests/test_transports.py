@@ -101,6 +101,35 @@ def test_waiting_calls_hold_no_thread(monkeypatch):
         server.stop(None)
 
 
+def test_aio_quick_calls_in_flight_together_share_engine_calls():
+    """Quick calls (computed on the event loop itself) at 64 in flight over gRPC: a batch
+    waits for the calls that keep arriving, so they share engine calls, each getting its
+    own rows; fewer engine calls than calls."""
+    import asyncio
+
+    from hessd.client import AsyncClient
+
+    server, port = create_server(ServerConfig(port=0, server="aio"))
+    server.start()
+    try:
+
+        async def main() -> list[np.ndarray]:
+            async with AsyncClient(f"127.0.0.1:{port}", timeout=60) as c:
+                f = await c.register("sum(x**3)", {"x": (3,)}, dtype="float64")
+                points = np.arange(3.0)[None] + np.arange(64.0)[:, None, None]
+                for _ in range(3):
+                    await c.gradient(f, points[0])  # planned, timed: quick
+                return await asyncio.gather(*(c.gradient(f, p) for p in points))
+
+        stats = server.servicer.batcher.stats
+        gradients = asyncio.run(main())
+        for i, g in enumerate(gradients):
+            np.testing.assert_allclose(g, 3 * (np.arange(3.0) + i)[None] ** 2, rtol=1e-15)
+        assert stats.coalesced > 0 and stats.batches < stats.requests
+    finally:
+        server.stop(None)
+
+
 @pytest.mark.parametrize("transport", ["threads", "aio"])
 def test_a_result_stream_cancelled_midway_ends_its_call(transport):
     """A client that stops reading a streamed result and cancels: the call ends (the
