@@ -8,6 +8,7 @@ the arrays plus a chunk in flight.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, overload
 
@@ -16,7 +17,16 @@ import numpy as np
 from hessd.proto import codec
 from hessd.proto.v1 import hessd_pb2
 
-__all__ = ["CHUNK_BYTES", "Header", "Receiver", "receive", "send", "send_serialized", "tensors"]
+__all__ = [
+    "CHUNK_BYTES",
+    "Header",
+    "Receiver",
+    "receive",
+    "send",
+    "send_serialized",
+    "serialized_output",
+    "tensors",
+]
 
 # gRPC Python moves ~1 MiB messages about 4x faster than one large message (measured in
 # benchmarks/throughput.py; README, Benchmarks).
@@ -96,6 +106,38 @@ def send_serialized(
 
 # StreamMessage.data is field 3, length-delimited: its key byte is (3 << 3) | 2.
 _DATA_KEY = bytes([(3 << 3) | 2])
+# ComputeResponse.output (field 1) and Tensor.data (field 3), length-delimited.
+_OUTPUT_KEY = bytes([(1 << 3) | 2])
+_TENSOR_DATA_KEY = bytes([(3 << 3) | 2])
+
+
+def serialized_output(array: np.ndarray) -> bytes:
+    """ComputeResponse(output=codec.encode(array)).SerializeToString(), with one copy of
+    the array's bytes (not three) and its Tensor's header serialised once per dtype and
+    shape: a unary answer of the fast path."""
+    array = np.asarray(array)
+    data = codec.little_endian(array)  # at least 1-d: the shape is the array's
+    header = _tensor_header(data.dtype, array.shape)
+    if not data.nbytes:  # an empty data field is not written
+        return _OUTPUT_KEY + _varint(len(header)) + header
+    size = _varint(data.nbytes)
+    tensor = len(header) + len(_TENSOR_DATA_KEY) + len(size) + data.nbytes
+    return b"".join(
+        (
+            _OUTPUT_KEY,
+            _varint(tensor),
+            header,
+            _TENSOR_DATA_KEY,
+            size,
+            data.reshape(-1).view(np.uint8).data,
+        )
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _tensor_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A Tensor's dtype and shape, serialised."""
+    return hessd_pb2.Tensor(dtype=codec.dtype_to_proto(dtype), shape=shape).SerializeToString()
 
 
 def _varint(value: int) -> bytes:

@@ -17,13 +17,14 @@ import collections
 import dataclasses
 import math
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 
 from hessd.proto import codec
 from hessd.proto.kinds import Kind
 from hessd.proto.v1 import hessd_pb2
-from hessd.service.engine import EngineRequest
+from hessd.service.engine import Engine, EngineRequest
 from hessd.service.program import Program
 
 __all__ = ["QUICK_SECONDS", "Plan", "Plans", "key"]
@@ -107,6 +108,19 @@ class Plan:
     label: str  # the kind, for the request log and metrics
     seconds: float = math.inf
     points: int = 1
+    # By batch size: the intermediates of its executable once compiled (Engine.temp_bytes).
+    temps: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def temp_bytes(self, batch: int, engine: Engine, args: Sequence[np.ndarray]) -> int:
+        """Engine.temp_bytes of a call of `batch` points, found once per batch size."""
+        temp = self.temps.get(batch)
+        if temp is None:
+            temp = engine.temp_bytes(self.program, self.task, args)
+            if temp:  # 0 until compiled
+                if len(self.temps) >= 64:
+                    self.temps.clear()
+                self.temps[batch] = temp
+        return temp
 
     def timed(self, seconds: float, points: int) -> None:
         self.seconds, self.points = seconds, points

@@ -203,7 +203,7 @@ def hessd_handlers(
     handlers[compute] = grpc.unary_unary_rpc_method_handler(
         calls.compute,
         request_deserializer=parsing.lenient(hessd_pb2.ComputeRequest.FromString),
-        response_serializer=hessd_pb2.ComputeResponse.SerializeToString,
+        response_serializer=_compute_serialized,
     )
     handlers[f"/{service.full_name}/ComputeStream"] = grpc.stream_stream_rpc_method_handler(
         calls.compute_stream,
@@ -216,6 +216,11 @@ def hessd_handlers(
         response_serializer=hessd_pb2.PutResponse.SerializeToString,
     )
     return handlers
+
+
+def _compute_serialized(response: hessd_pb2.ComputeResponse | bytes) -> bytes:
+    """A Compute's answer on the wire: the fast path's comes serialised already."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
 
 
 def threaded_handlers(
@@ -244,7 +249,7 @@ class _Calls:
 
     async def compute(
         self, request: hessd_pb2.ComputeRequest, context: grpc.aio.ServicerContext
-    ) -> hessd_pb2.ComputeResponse:
+    ) -> hessd_pb2.ComputeResponse | bytes:
         if isinstance(request, parsing.Unparsable):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, parsing.refusal("/hessd.v1.Hessd/Compute")
@@ -269,7 +274,7 @@ class _Calls:
         batch: int,
         request: hessd_pb2.ComputeRequest,
         context: grpc.aio.ServicerContext,
-    ) -> hessd_pb2.ComputeResponse:
+    ) -> hessd_pb2.ComputeResponse | bytes:
         """A Compute of a key seen before: the full path's checks already hold."""
         servicer = self.servicer
         start = time.perf_counter()
@@ -286,7 +291,7 @@ class _Calls:
             nbytes = batch * plan.point_bytes
             if nbytes > servicer.config.max_output_bytes:
                 servicer.check_output(plan.program, plan.task, batch)  # raises, saying why
-            temp = servicer.engine.temp_bytes(plan.program, plan.task, args)
+            temp = plan.temp_bytes(batch, servicer.engine, args)
             held = servicer.admit(sum(a.nbytes for a in args) + nbytes + temp)
             try:
                 result = await servicer.batcher.run_async(
@@ -307,6 +312,8 @@ class _Calls:
                     raise servicer.deadline_passed() from None
                 raise
             servicer.metrics.observe_compute(plan.task.label, time.perf_counter() - start)
+            if isinstance(result, np.ndarray):
+                return stream.serialized_output(result)
             return compute_response(result)
         except asyncio.CancelledError:
             status = grpc.StatusCode.CANCELLED

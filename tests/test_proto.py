@@ -98,6 +98,26 @@ def test_lists_and_python_numbers_take_the_function_dtype():
         codec.coerce([[1.0], [1.0, 2.0]], np.float32, "v")
 
 
+@pytest.mark.parametrize("shape", [(1, 8), (3,), (2, 0), (4, 2, 3), (1024, 256), ()])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16", "int32"])
+def test_serialised_output_is_the_response_serialised(shape, dtype):
+    """stream.serialized_output (the fast path's unary answer) gives exactly the bytes of
+    the ComputeResponse protobuf serialises, and parses back to the array."""
+    import ml_dtypes
+
+    from hessd.proto import stream
+
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=shape).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    expected = hessd_pb2.ComputeResponse()
+    codec.encode(array, out=expected.output)
+    got = stream.serialized_output(array)
+    assert got == expected.SerializeToString()
+    back = codec.decode(hessd_pb2.ComputeResponse.FromString(got).output)
+    assert back.dtype == array.dtype and back.shape == array.shape
+    np.testing.assert_array_equal(back.reshape(-1).view(np.uint8), array.reshape(-1).view(np.uint8))
+
+
 @pytest.mark.parametrize("sizes", [(0,), (1,), (16, 17), (300,), ((1 << 17) + 5, 3)])
 def test_serialised_stream_is_the_messages_serialised(sizes):
     """stream.send_serialized (the server's, one copy per chunk) gives exactly the bytes of
