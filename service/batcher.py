@@ -98,8 +98,13 @@ class _Waiter:
 
 @dataclasses.dataclass(eq=False)
 class _Gathering:
-    """Waiters of one key gathered on the event loop for one engine call."""
+    """Waiters of one key gathered on the event loop for one engine call, and what that
+    call needs."""
 
+    key: Hashable
+    program: Program
+    request: EngineRequest
+    executor: Executor
     waiters: list[_Waiter]
     points: int
     company: _Company
@@ -314,7 +319,7 @@ class Batcher:
         key = _key(program, request, args, key)
         gathering = self._gathering.get(key)
         if gathering is not None and gathering.points + points > self.max_size:
-            self._depart(key, gathering, program, request, executor)
+            self._depart(gathering)
             gathering = None
         if gathering is None:
             company = self._company(computation)
@@ -330,23 +335,25 @@ class Batcher:
             self._queued += points
         waiter = _Waiter(args, points, is_active, loop.create_future())
         if gathering is None:
-            gathering = _Gathering([], 0, company, waits, loop.time(), quick=quick, timed=timed)
+            gathering = _Gathering(
+                key, program, request, executor, [], 0, company, waits, loop.time(),
+                quick=quick, timed=timed,
+            )  # fmt: skip
             self._gathering[key] = gathering
-            then = (key, gathering, program, request, executor)
             if key in self._computing_async:
                 # For the batch computing (its end sends this one off), or max_delay_s.
-                gathering.timer = loop.call_later(self.max_delay_s, self._depart, *then)
+                gathering.timer = loop.call_later(self.max_delay_s, self._depart, gathering)
             elif waits:
                 # For company, while calls keep coming (or max_delay_s).
-                gathering.timer = loop.call_soon(self._turn, *then)
+                gathering.timer = loop.call_soon(self._turn, gathering)
             else:
                 # Off on the loop's next turn, with whoever arrives in this one.
-                gathering.timer = loop.call_soon(self._depart, *then)
+                gathering.timer = loop.call_soon(self._depart, gathering)
         gathering.joins += 1
         gathering.waiters.append(waiter)
         gathering.points += points
         if gathering.points == self.max_size:
-            self._depart(key, gathering, program, request, executor)
+            self._depart(gathering)
         return await waiter.future
 
     def _company(self, computation: Hashable) -> _Company:
@@ -357,14 +364,7 @@ class Batcher:
             company = self._companies[computation] = _Company()
         return company
 
-    def _turn(
-        self,
-        key: Hashable,
-        gathering: _Gathering,
-        program: Program,
-        request: EngineRequest,
-        executor: Executor,
-    ) -> None:
+    def _turn(self, gathering: _Gathering) -> None:
         """A turn of the loop for a batch waiting for company: it goes after IDLE_TURNS
         turns in a row in which no call joined it, or max_delay_s after its first call."""
         if gathering.departed:
@@ -373,18 +373,11 @@ class Batcher:
         gathering.joins = 0
         loop = asyncio.get_running_loop()
         if gathering.idle >= IDLE_TURNS or loop.time() - gathering.opened >= self.max_delay_s:
-            self._depart(key, gathering, program, request, executor)
+            self._depart(gathering)
         else:
-            gathering.timer = loop.call_soon(self._turn, key, gathering, program, request, executor)
+            gathering.timer = loop.call_soon(self._turn, gathering)
 
-    def _depart(
-        self,
-        key: Hashable,
-        gathering: _Gathering,
-        program: Program,
-        request: EngineRequest,
-        executor: Executor,
-    ) -> None:
+    def _depart(self, gathering: _Gathering) -> None:
         """Close `gathering`, drop its callers that have gone, and start its engine call."""
         if gathering.departed:
             return
@@ -392,6 +385,7 @@ class Batcher:
         if gathering.timer is not None:
             gathering.timer.cancel()
         gathering.company.found(gathering)
+        key, request = gathering.key, gathering.request
         if self._gathering.get(key) is gathering:
             del self._gathering[key]
         active = []
@@ -410,7 +404,7 @@ class Batcher:
         args = _concatenate(request, [w.args for w in active])
         run = functools.partial(
             self._timed_run,
-            program,
+            gathering.program,
             request,
             args,
             lambda: any(w.is_active() for w in active),
@@ -425,10 +419,8 @@ class Batcher:
                 self._answer(gathering, active, result, None)
             return
         self._computing_async[key] = self._computing_async.get(key, 0) + 1
-        computing = asyncio.get_running_loop().run_in_executor(executor, run)
-        computing.add_done_callback(
-            functools.partial(self._computed, key, gathering, active, program, request, executor)
-        )
+        computing = asyncio.get_running_loop().run_in_executor(gathering.executor, run)
+        computing.add_done_callback(functools.partial(self._computed, gathering, active))
 
     def _timed_run(
         self,
@@ -445,22 +437,16 @@ class Batcher:
         return result
 
     def _computed(
-        self,
-        key: Hashable,
-        gathering: _Gathering,
-        active: list[_Waiter],
-        program: Program,
-        request: EngineRequest,
-        executor: Executor,
-        computing: asyncio.Future,
+        self, gathering: _Gathering, active: list[_Waiter], computing: asyncio.Future
     ) -> None:
         """Answer a batch computed on the executor; send the next batch of its key off."""
+        key = gathering.key
         self._computing_async[key] -= 1
         if not self._computing_async[key]:
             del self._computing_async[key]
             waiting = self._gathering.get(key)
             if waiting is not None:
-                self._depart(key, waiting, program, request, executor)
+                self._depart(waiting)
         error = computing.exception()
         self._answer(gathering, active, None if error else computing.result(), error)
 
