@@ -112,8 +112,8 @@ class AsyncClient(_Kinds):
                 reply = await self._stub.Put(request, **self._call_options(timeout))
             else:
                 codec.encode(array, out=request.tensor, data=False)
-                messages = stream.send("put_request", request, [array])
-                reply = await self._stub.PutStream(messages, **self._call_options(timeout))
+                messages = stream.send_serialized("put_request", request, [array])
+                reply = await self._put_stream(messages, **self._call_options(timeout))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return Handle(reply.handle, array)
@@ -125,11 +125,11 @@ class AsyncClient(_Kinds):
     async def _streamed(
         self, call: _requests.ComputeCall, timeout: float | None
     ) -> np.ndarray | dict[str, np.ndarray]:
-        messages = stream.send("compute_request", call.request, call.arrays)
+        messages = stream.send_serialized("compute_request", call.request, call.arrays)
         try:
-            replies = self._stub.ComputeStream(messages, **self._call_options(timeout))
+            replies = self._compute_stream(messages, **self._call_options(timeout))
             # The stream's messages are small; gathering them keeps `receive` one function.
-            header, buffers = stream.receive(
+            header, buffers = stream.receive_serialized(
                 [m async for m in replies], "compute_response", max_bytes=1 << 62
             )
         except grpc.RpcError as e:

@@ -3,7 +3,9 @@
 Both sides use this: `send` turns a header and its arrays into StreamMessages of at most
 CHUNK_BYTES of data each; `receive` reads them back into one buffer per tensor, allocated
 once from the sizes the header declares (checked against a limit first), so memory stays
-the arrays plus a chunk in flight.
+the arrays plus a chunk in flight. `send_serialized` and `receive_serialized` do the same
+with the messages' bytes, for a channel or server without a (de)serializer: one copy of
+each chunk's bytes, not three.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, overload
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from hessd.proto import codec
 from hessd.proto.v1 import hessd_pb2
@@ -22,6 +25,7 @@ __all__ = [
     "Header",
     "Receiver",
     "receive",
+    "receive_serialized",
     "send",
     "send_serialized",
     "serialized_output",
@@ -87,14 +91,28 @@ def send(
             yield hessd_pb2.StreamMessage(data=flat[start : start + CHUNK_BYTES].tobytes())
 
 
+@overload
+def send_serialized(
+    field: Literal["compute_request"],
+    header: hessd_pb2.ComputeRequest,
+    arrays: Sequence[np.ndarray],
+) -> Iterator[bytes]: ...
+@overload
 def send_serialized(
     field: Literal["compute_response"],
     header: hessd_pb2.ComputeResponse,
     arrays: Sequence[np.ndarray],
-) -> Iterator[bytes]:
+) -> Iterator[bytes]: ...
+@overload
+def send_serialized(
+    field: Literal["put_request"],
+    header: hessd_pb2.PutRequest,
+    arrays: Sequence[np.ndarray],
+) -> Iterator[bytes]: ...
+def send_serialized(field: str, header: Header, arrays: Sequence[np.ndarray]) -> Iterator[bytes]:
     """send()'s messages, serialised: the bytes StreamMessage.SerializeToString would give,
     each data chunk with one copy of its slice of the array (not three: tobytes, the
-    message's field, its serialisation). For a server that hands gRPC bytes."""
+    message's field, its serialisation). For a channel or server that takes bytes."""
     first: dict[str, Any] = {field: header}
     yield hessd_pb2.StreamMessage(**first).SerializeToString()
     for array in arrays:
@@ -151,6 +169,23 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def _data_chunk(message: bytes) -> memoryview | None:
+    """The data of a serialised StreamMessage that is a data chunk and nothing else (its
+    key, its length, then exactly that many bytes), as a view; None for anything else,
+    which the caller parses."""
+    if message[:1] != _DATA_KEY:
+        return None
+    size = shift = 0
+    for position in range(1, min(len(message), 11)):
+        byte = message[position]
+        size |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            start = position + 1
+            return memoryview(message)[start:] if start + size == len(message) else None
+        shift += 7
+    return None
+
+
 @overload
 def receive(
     messages: Iterable[hessd_pb2.StreamMessage], field: Literal["compute_request"], max_bytes: int
@@ -178,6 +213,33 @@ def receive(
     return receiver.finish()
 
 
+@overload
+def receive_serialized(
+    messages: Iterable[bytes], field: Literal["compute_request"], max_bytes: int
+) -> tuple[hessd_pb2.ComputeRequest, list[memoryview]]: ...
+@overload
+def receive_serialized(
+    messages: Iterable[bytes], field: Literal["compute_response"], max_bytes: int
+) -> tuple[hessd_pb2.ComputeResponse, list[memoryview]]: ...
+@overload
+def receive_serialized(
+    messages: Iterable[bytes], field: Literal["put_request"], max_bytes: int
+) -> tuple[hessd_pb2.PutRequest, list[memoryview]]: ...
+def receive_serialized(
+    messages: Iterable[bytes], field: str, max_bytes: int
+) -> tuple[Header, list[memoryview]]:
+    """`receive` of serialised StreamMessages (a channel read without a deserializer):
+    each data chunk is copied once, from the message's bytes into its tensor's buffer.
+    Raises as `receive` does, and TensorError for a message that does not parse."""
+    receiver = Receiver(field, max_bytes)
+    for message in messages:
+        try:
+            receiver.feed_serialized(message)
+        except DecodeError as e:
+            raise codec.TensorError(f"a message of the stream does not parse: {e}") from None
+    return receiver.finish()
+
+
 class Receiver:
     """`receive` one message at a time, for a reader that awaits each (the server's event
     loop): feed() every message as it comes, then finish(). Raises as `receive` does, at
@@ -200,9 +262,23 @@ class Receiver:
                 f"a stream carries one header, first; this one sent {message.WhichOneof('part')} "
                 "again after it"
             )
+        self._fill(memoryview(message.data))
+
+    def feed_serialized(self, message: bytes) -> None:
+        """feed() of a serialised StreamMessage. A data chunk is copied straight from these
+        bytes into its buffer: parsing it first would copy it twice more (into the message,
+        then into the bytes its field returns). Raises DecodeError for bytes that do not
+        parse."""
+        chunk = _data_chunk(message) if self.header is not None else None
+        if chunk is None:
+            self.feed(hessd_pb2.StreamMessage.FromString(message))
+        else:
+            self._fill(chunk)
+
+    def _fill(self, chunk: memoryview) -> None:
+        """Copy a data chunk into the buffers, where the last one left off."""
         sizes, buffers = self._sizes, self._buffers
         index, offset = self._index, self._offset
-        chunk = memoryview(message.data)
         while chunk:
             while index < len(buffers) and offset == sizes[index]:
                 index, offset = index + 1, 0

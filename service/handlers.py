@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from hessd.proto import codec, stream
 from hessd.proto.v1 import hessd_pb2
@@ -207,12 +208,12 @@ def hessd_handlers(
     )
     handlers[f"/{service.full_name}/ComputeStream"] = grpc.stream_stream_rpc_method_handler(
         calls.compute_stream,
-        request_deserializer=parsing.lenient(hessd_pb2.StreamMessage.FromString),
+        request_deserializer=None,  # _receive parses the bytes, each chunk copied once
         response_serializer=None,  # compute_stream yields StreamMessages serialised
     )
     handlers[f"/{service.full_name}/PutStream"] = grpc.stream_unary_rpc_method_handler(
         calls.put_stream,
-        request_deserializer=parsing.lenient(hessd_pb2.StreamMessage.FromString),
+        request_deserializer=None,
         response_serializer=hessd_pb2.PutResponse.SerializeToString,
     )
     return handlers
@@ -361,7 +362,8 @@ class _Calls:
         limit: int,
         flags: str,
     ) -> Streamed:
-        """Read a stream on the loop: its header and tensors' bytes. A stream that sends
+        """Read a stream on the loop, from its messages' bytes: its header and tensors'
+        bytes, each data chunk copied once into its tensor. A stream that sends
         nothing for --stream-idle-seconds is cancelled; one beyond the streams this server
         reads at once is RESOURCE_EXHAUSTED."""
         start = time.perf_counter()
@@ -381,9 +383,12 @@ class _Calls:
                     except TimeoutError:
                         assert idle is not None  # wait_for times out only with a bound
                         raise stream_idle(idle) from None
-                    if isinstance(message, parsing.Unparsable):
-                        raise InvalidArgument(parsing.refusal(f"/hessd.v1.Hessd/{method}", True))
-                    receiver.feed(message)
+                    try:
+                        receiver.feed_serialized(message)
+                    except DecodeError:
+                        raise InvalidArgument(
+                            parsing.refusal(f"/hessd.v1.Hessd/{method}", True)
+                        ) from None
                 header, buffers = receiver.finish()
             finally:
                 self._streams -= 1
