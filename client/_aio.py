@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from hessd.client import _requests, _sparse
 from hessd.client._client import (
@@ -128,10 +128,14 @@ class AsyncClient(_Kinds):
         messages = stream.send_serialized("compute_request", call.request, call.arrays)
         try:
             replies = self._compute_stream(messages, **self._call_options(timeout))
-            # The stream's messages are small; gathering them keeps `receive` one function.
-            header, buffers = stream.receive_serialized(
-                [m async for m in replies], "compute_response", max_bytes=1 << 62
-            )
+            # Fed as they come: gathering them first would hold the result twice.
+            receiver = stream.Receiver("compute_response", max_bytes=1 << 62)
+            async for message in replies:
+                receiver.feed_serialized(message)
+            header, buffers = receiver.finish()
+            assert isinstance(header, hessd_pb2.ComputeResponse)  # the field it reads
+        except DecodeError as e:
+            raise codec.TensorError(f"a message of the stream does not parse: {e}") from None
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return call.result(header, buffers)

@@ -135,6 +135,22 @@ def test_planned_calls_stream_when_the_threshold_says_so(server_address, scalar,
         assert_same(small.compute(scalar, "hessian", x), first, writeable=False)
 
 
+def test_async_streams_both_ways_give_the_unary_result(server_address, scalar, rng):
+    """AsyncClient over ComputeStream (request and result as bytes, the result fed to its
+    buffer chunk by chunk) gives the unary call's result, whatever the chunking."""
+    x = rng.normal(size=(3, N))
+
+    async def streamed():
+        async with AsyncClient(server_address, stream_threshold=16) as c:
+            return await c.hessian(scalar, x), await c.hessian(scalar, x)
+
+    with Client(server_address) as unary:
+        first = unary.hessian(scalar, x)
+    for got in asyncio.run(streamed()):
+        np.testing.assert_array_equal(got, first)
+        assert got.dtype == first.dtype and got.shape == first.shape == (3, N, N)
+
+
 def test_a_planned_call_registers_its_function_where_it_is_unknown(rng):
     x = rng.normal(size=(2, N))
     started = [create_server(ServerConfig(host="127.0.0.1", port=0)) for _ in range(3)]
