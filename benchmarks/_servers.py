@@ -80,7 +80,8 @@ def start_echo_server(workers: int, aio: bool = False) -> tuple[subprocess.Popen
 def serve_echo(port: int, workers: int, aio: bool = False) -> None:
     """Serve the echo on 127.0.0.1:`port` until killed; prints `listening on HOST:PORT` on
     stderr once serving: a grpc.server over a thread pool of `workers` (the faster of the
-    two for small calls, measured), or with `aio` a grpc.aio server, hessd's model; no
+    two for small calls, measured), or with `aio` a grpc.aio server on hessd's event loop,
+    hessd's model; no
     interceptor and no handler work either way."""
 
     @functools.cache
@@ -109,7 +110,16 @@ def serve_echo(port: int, workers: int, aio: bool = False) -> None:
             yield zeros(size)
 
     if aio:
-        asyncio.run(_serve_echo_aio(port, zeros, sizes))
+        # On the event loop `hessd serve` takes (--event-loop auto: uvloop's where installed);
+        # not imported from hessd.service.server, which would bring JAX into the echo.
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            loop_factory = None
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_serve_echo_aio(port, zeros, sizes))
         return
     handler = grpc.method_handlers_generic_handler(
         ECHO_SERVICE,

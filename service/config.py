@@ -93,6 +93,12 @@ class ServerConfig:
         "threads (a grpc.server over --workers threads; health waits once every thread "
         "computes)",
     )
+    event_loop: str = _field(
+        "auto",
+        "the asyncio transport's event loop: uvloop (libuv's, installed with hessd[server] "
+        "off Windows; an eighth less server CPU per small call, see README), asyncio (the "
+        "standard library's), or auto: uvloop where it is installed",
+    )
     reuse_port: bool = _field(
         False,
         "share the port with other processes (SO_REUSEPORT), as --processes does; without "

@@ -162,11 +162,12 @@ def serve_forever(
         return 1
     server.start()
     log.info(
-        "listening on %s:%d (%s: %s%s%s)",
+        "listening on %s:%d (%s: %s; %s%s%s)",
         config.host,
         port,
         jax.default_backend(),
         jax.devices(),
+        server.transport_name,
         ", TLS" if config.tls_cert else "",
         ", tokens" if server.tokens.enabled else "",
     )

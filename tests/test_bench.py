@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib.util
 import json
 import signal
 import socket
@@ -97,6 +98,9 @@ def test_concurrency_sweep_prints_and_writes_one_row_per_level(server_address, t
     assert metadata["args"]["concurrency"] == [1, 4]
     assert metadata["server_info"]["backend"] == "cpu"
     assert metadata["client"]["cpu_count"] >= 1
+    # --event-loop auto: uvloop's where it is installed.
+    uvloop = importlib.util.find_spec("uvloop") is not None
+    assert metadata["client"]["event_loop"] == ("uvloop" if uvloop else "asyncio")
     assert metadata["function"]["output_shape"] == []
     assert metadata["function"]["constants"] == {"A": "random:8x8"}
     assert metadata["outcome"] == "finished"
@@ -125,6 +129,23 @@ def test_request_rate_mode_reports_what_was_sent_and_in_flight(
         assert row["in_flight_max"] >= 1
         assert 1 <= row["in_flight_mean"] <= row["in_flight_max"]
     assert document["metadata"]["args"]["arrivals"] == arrivals
+
+
+def test_event_loop_asyncio_on_request(server_address, tmp_path):
+    out = tmp_path / "bench"
+    argv = [*SCALAR, "--address", server_address, "--concurrency", "2", "--event-loop", "asyncio"]
+    assert run([*argv, *SHORT, "--out", out]) == 0
+    document = json.loads(out.with_suffix(".json").read_text())
+    assert document["metadata"]["client"]["event_loop"] == "asyncio"
+    assert document["rows"][0]["errors"] == 0
+
+
+def test_event_loop_uvloop_without_uvloop_exits_2(server_address, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    argv = [*SCALAR, "--address", server_address, "--event-loop", "uvloop"]
+    assert run([*argv, *SHORT, "--out", tmp_path / "bench"]) == 2
+    assert "--event-loop uvloop: uvloop is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
 
 
 def test_plot_writes_two_pngs(server_address, tmp_path):

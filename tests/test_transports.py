@@ -9,7 +9,9 @@ server has stopped by then.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import sys
 import time
 
 import grpc
@@ -20,7 +22,7 @@ from hessd.client import Client, HessdError
 from hessd.proto import codec
 from hessd.proto.v1 import hessd_pb2, hessd_pb2_grpc
 from hessd.service.config import ServerConfig
-from hessd.service.server import create_server
+from hessd.service.server import create_server, event_loop_factory
 
 SLOW = "sum(tanh(x)**2) + sum(x**4)"  # a spectrum: one eigh of n×n per point
 
@@ -31,10 +33,14 @@ def _gradient_request(fid: str) -> hessd_pb2.ComputeRequest:
     return request
 
 
-@pytest.mark.parametrize("transport", ["threads", "aio"])
-def test_stop_answers_calls_in_flight_and_refuses_new_ones(transport):
+# The threaded transport, and the asyncio one on each event loop (--event-loop).
+TRANSPORTS = [("threads", "auto"), ("aio", "auto"), ("aio", "asyncio")]
+
+
+@pytest.mark.parametrize(("transport", "loop"), TRANSPORTS)
+def test_stop_answers_calls_in_flight_and_refuses_new_ones(transport, loop):
     # One point per engine call, so that the spectrum in flight is many device calls.
-    config = ServerConfig(port=0, workers=4, max_batch_bucket=1, server=transport)
+    config = ServerConfig(port=0, workers=4, max_batch_bucket=1, server=transport, event_loop=loop)
     server, port = create_server(config)
     server.start()
     address = f"127.0.0.1:{port}"
@@ -130,11 +136,11 @@ def test_aio_quick_calls_in_flight_together_share_engine_calls():
         server.stop(None)
 
 
-@pytest.mark.parametrize("transport", ["threads", "aio"])
-def test_a_result_stream_cancelled_midway_ends_its_call(transport):
+@pytest.mark.parametrize(("transport", "loop"), TRANSPORTS)
+def test_a_result_stream_cancelled_midway_ends_its_call(transport, loop):
     """A client that stops reading a streamed result and cancels: the call ends (the
     server's count of calls in flight falls back to 0) and the server serves on."""
-    config = ServerConfig(port=0, workers=2, server=transport)
+    config = ServerConfig(port=0, workers=2, server=transport, event_loop=loop)
     server, port = create_server(config)
     server.start()
     try:
@@ -157,3 +163,27 @@ def test_a_result_stream_cancelled_midway_ends_its_call(transport):
             np.testing.assert_array_equal(c.value(f, np.ones((1, 1024))), 2 * np.ones((1, 1024)))
     finally:
         server.stop(None)
+
+
+def test_event_loop_is_uvloop_where_installed_and_asyncio_on_request():
+    uvloop = pytest.importorskip("uvloop")
+    assert event_loop_factory("auto") is uvloop.new_event_loop
+    assert event_loop_factory("uvloop") is uvloop.new_event_loop
+    assert event_loop_factory("asyncio") is asyncio.new_event_loop
+    server, _ = create_server(ServerConfig(port=0, event_loop="asyncio"))
+    try:
+        assert server.transport_name == "aio, asyncio"
+    finally:
+        server.stop(None)
+
+
+def test_event_loop_auto_falls_back_to_asyncio_without_uvloop(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    assert event_loop_factory("auto") is asyncio.new_event_loop
+    with pytest.raises(ValueError, match="uvloop is not installed"):
+        event_loop_factory("uvloop")
+
+
+def test_an_unknown_event_loop_is_refused_before_binding():
+    with pytest.raises(ValueError, match="--event-loop is auto, uvloop or asyncio, not 'tokio'"):
+        create_server(ServerConfig(port=0, event_loop="tokio"))

@@ -8,6 +8,7 @@ import datetime
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ def _main(args: argparse.Namespace) -> int:
         levels = load_levels(args)
         options = compute_options(args)
         connection = connection_options(args)
+        loop_factory = _loop_factory(args.event_loop)
         if args.plot:
             matplotlib()
         out = Path(args.out)
@@ -58,7 +60,8 @@ def _main(args: argparse.Namespace) -> int:
         return 130
     sweep = Sweep(args, spec, levels, options, connection)
     try:
-        asyncio.run(sweep.run())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(sweep.run())
         outcome, code = "finished", 0
     except KeyboardInterrupt:
         outcome, code = "interrupted", 130
@@ -75,6 +78,7 @@ def _main(args: argparse.Namespace) -> int:
         return code
     print(format_table(rows, args.batch))
     metadata = _metadata(args, spec, constant_sources, sweep, started_at, outcome)
+    metadata["client"]["event_loop"] = "asyncio" if loop_factory is None else "uvloop"
     written: list[Path] = []
     try:
         written += write_results(out, rows, metadata)
@@ -124,6 +128,21 @@ def _metadata(
         "finished_at": _now(),
         "outcome": outcome,
     }
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """--event-loop's: uvloop's, or None for asyncio.Runner's default (the standard one)."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise Refused(
+                "--event-loop uvloop: uvloop is not installed (pip install uvloop)"
+            ) from None
+        return None
+    return uvloop.new_event_loop
 
 
 def _now() -> str:
