@@ -219,6 +219,12 @@ def main() -> None:
         default="aio",
         help="the transport of the hessd serve measured (--server)",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the event loop of the hessd serve measured (--event-loop)",
+    )
     args = parser.parse_args()
     selected = args.only or list(WORKLOADS)
 
@@ -226,7 +232,7 @@ def main() -> None:
     out = args.out or pathlib.Path(__file__).parent / "results" / f"throughput-{backend}.json"
     load_start = wait_for_quiet(args.quiet_load, args.max_wait)
     started = time.perf_counter()
-    server_flags = (*SERVER_FLAGS, "--server", args.server)
+    server_flags = (*SERVER_FLAGS, "--server", args.server, "--event-loop", args.event_loop)
     proc, address, _ = start_server(*server_flags)
     echo_proc, echo = start_echo_server(args.echo_workers)
     # hessd's own server model, for the concurrency row: a second floor beside the first.
