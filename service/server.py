@@ -120,7 +120,7 @@ class HessdServer:
         """The transport and, for aio, its event loop: "aio, uvloop", "threads"."""
         if self.event_loop is None:
             return self.config.server
-        loop = "uvloop" if self.event_loop.__module__.startswith("uvloop") else "asyncio"
+        loop = "asyncio" if self.event_loop is asyncio.new_event_loop else "uvloop"
         return f"{self.config.server}, {loop}"
 
     @property
