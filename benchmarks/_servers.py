@@ -27,6 +27,8 @@ from typing import Any
 
 import grpc
 
+from hessd.tools._common import event_loop_factory
+
 __all__ = ["ECHO_SERVICE", "SIZES_KEY", "serve_echo", "start_echo_server", "start_server"]
 
 ECHO_SERVICE = "hessd.v1.Hessd"
@@ -81,8 +83,7 @@ def serve_echo(port: int, workers: int, aio: bool = False) -> None:
     """Serve the echo on 127.0.0.1:`port` until killed; prints `listening on HOST:PORT` on
     stderr once serving: a grpc.server over a thread pool of `workers` (the faster of the
     two for small calls, measured), or with `aio` a grpc.aio server on hessd's event loop,
-    hessd's model; no
-    interceptor and no handler work either way."""
+    hessd's model; no interceptor and no handler work either way."""
 
     @functools.cache
     def zeros(size: int) -> bytes:
@@ -110,15 +111,9 @@ def serve_echo(port: int, workers: int, aio: bool = False) -> None:
             yield zeros(size)
 
     if aio:
-        # On the event loop `hessd serve` takes (--event-loop auto: uvloop's where installed);
-        # not imported from hessd.service.server, which would bring JAX into the echo.
-        try:
-            import uvloop
-
-            loop_factory = uvloop.new_event_loop
-        except ImportError:
-            loop_factory = None
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
+        # On the loop `hessd serve --event-loop auto` takes; the tools' helper, not the
+        # server's, which would bring JAX into the echo.
+        with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:
             runner.run(_serve_echo_aio(port, zeros, sizes))
         return
     handler = grpc.method_handlers_generic_handler(

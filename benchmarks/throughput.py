@@ -59,6 +59,7 @@ from typing import Any
 import jax
 
 from hessd.client import Client
+from hessd.tools._common import EVENT_LOOPS
 
 from _measure import (
     CALLS_PER_ROUND,
@@ -221,7 +222,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--event-loop",
-        choices=("auto", "uvloop", "asyncio"),
+        choices=EVENT_LOOPS,
         default="auto",
         help="the event loop of the hessd serve measured (--event-loop)",
     )

@@ -4,6 +4,7 @@ flags, Ctrl-C, and the lazy import of matplotlib."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import signal
@@ -17,11 +18,13 @@ from hessd.tools._args import positive_float
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "EVENT_LOOPS",
     "TOKEN_VARIABLE",
     "Refused",
     "ServerGone",
     "add_connection_arguments",
     "connection_options",
+    "event_loop_factory",
     "interruptible",
     "matplotlib",
     "refuse",
@@ -39,6 +42,27 @@ class Refused(Exception):
 class ServerGone(Exception):
     """No server answered, or it stopped answering for longer than the tool waits: the tool
     prints it and exits 1."""
+
+
+# --event-loop's choices, as `hessd serve` has them (service/server.py, which the tools do
+# not import): auto takes uvloop's loop where it is installed.
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """A client-side --event-loop's loop factory for asyncio.Runner: uvloop's, or None for
+    the standard one; Refused for uvloop when it is not installed."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise Refused(
+                "--event-loop uvloop: uvloop is not installed (pip install uvloop)"
+            ) from None
+        return None
+    return uvloop.new_event_loop
 
 
 def refuse(tool: str, error: Exception) -> int:

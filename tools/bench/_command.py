@@ -8,7 +8,6 @@ import datetime
 import os
 import platform
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from hessd.tools._common import (
     Refused,
     ServerGone,
     connection_options,
+    event_loop_factory,
     matplotlib,
     refuse,
     run_interruptibly,
@@ -45,7 +45,7 @@ def _main(args: argparse.Namespace) -> int:
         levels = load_levels(args)
         options = compute_options(args)
         connection = connection_options(args)
-        loop_factory = _loop_factory(args.event_loop)
+        loop_factory = event_loop_factory(args.event_loop)
         if args.plot:
             matplotlib()
         out = Path(args.out)
@@ -77,8 +77,8 @@ def _main(args: argparse.Namespace) -> int:
     if not rows:
         return code
     print(format_table(rows, args.batch))
-    metadata = _metadata(args, spec, constant_sources, sweep, started_at, outcome)
-    metadata["client"]["event_loop"] = "asyncio" if loop_factory is None else "uvloop"
+    loop = "asyncio" if loop_factory is None else "uvloop"
+    metadata = _metadata(args, spec, constant_sources, sweep, started_at, outcome, loop)
     written: list[Path] = []
     try:
         written += write_results(out, rows, metadata)
@@ -104,6 +104,7 @@ def _metadata(
     sweep: Sweep,
     started_at: str,
     outcome: str,
+    event_loop: str,
 ) -> dict[str, Any]:
     f = sweep.function
     return {
@@ -123,26 +124,12 @@ def _metadata(
             "platform": platform.platform(),
             "python": platform.python_version(),
             "grpcio": grpc.__version__,
+            "event_loop": event_loop,
         },
         "started_at": started_at,
         "finished_at": _now(),
         "outcome": outcome,
     }
-
-
-def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """--event-loop's: uvloop's, or None for asyncio.Runner's default (the standard one)."""
-    if name == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if name == "uvloop":
-            raise Refused(
-                "--event-loop uvloop: uvloop is not installed (pip install uvloop)"
-            ) from None
-        return None
-    return uvloop.new_event_loop
 
 
 def _now() -> str:

@@ -13,7 +13,7 @@ import numpy as np
 
 from hessd.proto.kinds import JacobianMode, Kind
 from hessd.tools import _args
-from hessd.tools._common import Refused, add_connection_arguments
+from hessd.tools._common import EVENT_LOOPS, Refused, add_connection_arguments
 from hessd.tools._function_file import DTYPES, FunctionSpec, load_function_file
 from hessd.tools.bench._statistics import STABLE_WINDOWS
 
@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", action="store_true", help="also draw the two PNGs")
     parser.add_argument(
         "--event-loop",
-        choices=("auto", "uvloop", "asyncio"),
+        choices=EVENT_LOOPS,
         default="auto",
         help="the load's event loop: uvloop's (~10%% less CPU per call, so more of the "
         "cores are left to a server on the same machine), the standard library's, or auto: "
