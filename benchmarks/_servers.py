@@ -21,7 +21,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -29,21 +29,33 @@ import grpc
 
 from hessd.tools._common import event_loop_factory
 
-__all__ = ["ECHO_SERVICE", "SIZES_KEY", "serve_echo", "start_echo_server", "start_server"]
+__all__ = [
+    "ECHO_SERVICE",
+    "SIZES_KEY",
+    "hessd_command",
+    "serve_echo",
+    "start_echo_server",
+    "start_server",
+]
 
 ECHO_SERVICE = "hessd.v1.Hessd"
 # (size, count) run-lengths of the response's message sizes.
 SIZES_KEY = "x-response-sizes"
 
 
-def start_server(*flags: str) -> tuple[subprocess.Popen, str, collections.deque]:
+def start_server(
+    *flags: str, command: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen, str, collections.deque]:
     """`hessd serve` on a free loopback port: (process, "host:port", its last log lines).
 
-    Its stderr is drained by a thread for the whole run, so the server never blocks on a
-    full pipe. The caller terminates the process.
+    command: another `hessd` to run (another checkout's, to measure against), instead of
+    this interpreter's; env: variables set for the server alone. Its stderr is drained by
+    a thread for the whole run, so the server never blocks on a full pipe. The caller
+    terminates the process.
     """
-    args = [*_hessd(), "serve", "--port", "0", "--compile-cache-dir", "", *flags]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    hessd = hessd_command() if command is None else list(command)
+    args = [*hessd, "serve", "--port", "0", "--compile-cache-dir", "", *flags]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
     log: collections.deque = collections.deque(maxlen=50)
     for line in proc.stderr:
@@ -54,7 +66,7 @@ def start_server(*flags: str) -> tuple[subprocess.Popen, str, collections.deque]
     raise RuntimeError("the server exited before listening:\n" + "".join(log))
 
 
-def _hessd() -> list[str]:
+def hessd_command() -> list[str]:
     """The `hessd` command as installed (its console script's entry point), run by this
     interpreter."""
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="hessd")
