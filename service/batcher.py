@@ -128,6 +128,7 @@ class _Company:
     the lone calls that still go at once before the next wait, and `backoff` is what it is
     reset to after a wait that found no one (doubling, up to MAX_SKIP)."""
 
+    function_id: str
     backoff: int = 0
     skip: int = 0
 
@@ -323,7 +324,7 @@ class Batcher:
             self._depart(gathering)
             gathering = None
         if gathering is None:
-            company = self._company(computation)
+            company = self._company(computation, program.function_id)
             waits = key in self._computing_async or company.waits()
             if not waits and quick is not None and quick(args):
                 # Short, compiled and alone: computed now, without suspending the call. On
@@ -357,13 +358,20 @@ class Batcher:
             self._depart(gathering)
         return await waiter.future
 
-    def _company(self, computation: Hashable) -> _Company:
+    def _company(self, computation: Hashable, function_id: str) -> _Company:
         company = self._companies.get(computation)
         if company is None:
             if len(self._companies) >= 4096:  # bounded: computations come and go
                 self._companies.clear()
-            company = self._companies[computation] = _Company()
+            company = self._companies[computation] = _Company(function_id)
         return company
+
+    def forget(self, function_id: str) -> None:
+        """Drop what is kept of a function's computations (evicted from the registry: a
+        computation's key may hold its Program)."""
+        for computation, company in list(self._companies.items()):
+            if company.function_id == function_id:
+                self._companies.pop(computation, None)
 
     def _turn(self, gathering: _Gathering) -> None:
         """A turn of the loop for a batch waiting for company: it goes after IDLE_TURNS

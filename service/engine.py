@@ -309,6 +309,14 @@ class Engine:
                     self._compiling.pop(key, None)
         return executable
 
+    def forget(self, function_id: str) -> None:
+        """Drop the executables of a function (evicted from the registry): they hold its
+        constants, so keeping them would keep every evicted function's bytes."""
+        with self._lock:
+            for cache in (self._cache, self._refused, self._temp):
+                for key in [k for k in cache if k[0] == function_id]:
+                    del cache[key]
+
     def _check_memory(
         self, executable: jax.stages.Compiled, request: EngineRequest, bucket: int
     ) -> int:

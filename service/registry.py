@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 
 from hessd.proto.v1 import hessd_pb2
 from hessd.service import exported
@@ -19,7 +20,9 @@ class Registry:
 
     Holds at most `max_functions` specs of at most `max_bytes` together (constants and
     artifacts are most of a spec's bytes); the least recently used is dropped first, and a
-    client that meets NOT_FOUND registers again (any replica can rebuild any spec).
+    client that meets NOT_FOUND registers again (any replica can rebuild any spec). Whatever
+    else keeps a Program (the engine's executables, the fast path's plans) subscribes with
+    on_evict to drop it too, or the bound would hold only for the registry's own share.
     """
 
     def __init__(
@@ -40,6 +43,12 @@ class Registry:
         # since unlike ids they cannot be derived from a spec.
         self._names: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._on_evict: list[Callable[[str], None]] = []
+
+    def on_evict(self, forget: Callable[[str], None]) -> None:
+        """Call `forget(function_id)` for each function dropped from now on (after the
+        registry's lock is released, so `forget` may take locks of its own)."""
+        self._on_evict.append(forget)
 
     def register(self, spec: hessd_pb2.FunctionSpec, name: str = "") -> Program:
         """The Program of `spec`, built now unless already known; with `name`, known by
@@ -68,6 +77,7 @@ class Registry:
             program = exported.build_program(spec, self.allow_jax_export)
         else:
             program = build_program(spec, self.limits)
+        evicted = []
         with self._lock:
             if fid not in self._programs:
                 self._bytes += size
@@ -76,8 +86,12 @@ class Registry:
             if name:
                 self._names[name] = fid
             while len(self._programs) > self.max_functions or self._bytes > self.max_bytes:
-                evicted, _ = self._programs.popitem(last=False)
-                self._bytes -= self._sizes.pop(evicted)
+                dropped, _ = self._programs.popitem(last=False)
+                self._bytes -= self._sizes.pop(dropped)
+                evicted.append(dropped)
+        for dropped in evicted:
+            for forget in self._on_evict:
+                forget(dropped)
         return program
 
     @property

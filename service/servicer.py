@@ -213,10 +213,18 @@ class HessdServicer(hessd_pb2_grpc.HessdServicer):
         self.tokens = tokens
         # What a repeated Compute needs, found by its first (service/fastpath.py).
         self.plans = fastpath.Plans()
+        # A function dropped from the registry is dropped everywhere it is kept.
+        registry.on_evict(self.forget)
         self._request_level = logging.INFO if config.log_requests else logging.DEBUG
         self._inflight_budget = config.max_inflight_bytes or machine_memory() // 2
         self._inflight = 0
         self._inflight_lock = threading.Lock()
+
+    def forget(self, function_id: str) -> None:
+        """Drop a function's plans, executables and batching state (registry eviction)."""
+        self.plans.forget(function_id)
+        self.engine.forget(function_id)
+        self.batcher.forget(function_id)
 
     @_rpc
     def Register(

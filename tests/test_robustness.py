@@ -296,6 +296,69 @@ def test_registered_specs_are_bounded_in_bytes():
         server.stop(None)
 
 
+def test_a_dropped_function_leaves_nothing_behind():
+    """The registry's bound in bytes held for its own share only: the fast path's plans, the
+    engine's executables and the batcher's state kept every evicted function's constants
+    (60 functions of 8 MiB grew the process by 1.3 GiB under a 64 MiB bound). Eviction
+    now drops them all."""
+    server, port = create_server(ServerConfig(port=0, workers=2, max_function_bytes=1_000_000))
+    server.start()
+    servicer = server.servicer
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            ids = []
+            for i in range(3):  # 500 kB of constants each: only one fits at a time
+                f = client.register(
+                    "sum(tanh(A @ x)**2)", {"x": (250,)}, {"A": np.full((250, 250), 0.01 * i)},
+                    "float64",
+                )  # fmt: skip
+                for _ in range(3):  # the full path, then the fast path's plan
+                    client.gradient(f, np.ones((1, 250)))
+                ids.append(f.id)
+                kept = _kept(servicer)
+                assert kept["plans"] == kept["executables"] == {f.id}, kept
+                assert kept["batcher"] <= {f.id}, kept
+            assert len(servicer.registry) == 1
+            # Dropped means forgotten, not broken: the client registers it again.
+            assert client.gradient(f, np.ones((1, 250))).shape == (1, 250)
+    finally:
+        server.stop(None)
+
+
+def _kept(servicer) -> dict[str, set[str]]:
+    """The function ids the servicer's plans, executables and batcher hold state for."""
+    return {
+        "plans": {key[0] for key in servicer.plans._plans},
+        "executables": {key[0] for key in servicer.engine._cache},
+        "batcher": {c.function_id for c in servicer.batcher._companies.values()},
+    }
+
+
+def test_the_registry_tells_its_listeners_what_it_dropped_outside_its_lock():
+    from hessd.service.registry import Registry
+
+    registry = Registry(max_functions=2)
+    dropped = []
+
+    def forget(function_id):
+        assert registry._lock.acquire(blocking=False), "called under the registry's lock"
+        registry._lock.release()
+        dropped.append(function_id)
+
+    registry.on_evict(forget)
+    specs = [
+        hessd_pb2.FunctionSpec(
+            expression=hessd_pb2.Expression(source=f"sum(x**{k})"),
+            inputs=[hessd_pb2.InputSpec(name="x", shape=[3], dtype=hessd_pb2.FLOAT64)],
+        )
+        for k in (2, 3, 4, 5)
+    ]
+    programs = [registry.register(spec) for spec in specs]
+    assert dropped == [programs[0].function_id, programs[1].function_id]
+    registry.register(specs[3])  # known: nothing dropped
+    assert len(dropped) == 2
+
+
 def test_idle_stream_is_cancelled_and_others_are_served():
     """Streams that send a header and wait no longer hold every worker: each is cancelled
     after --stream-idle-seconds, and unary calls and health answer meanwhile."""
