@@ -7,7 +7,8 @@ and 12.7 s at 1,337, and a valid 12 KB expression of 440 bindings grew the serve
 MB/s until `std::bad_alloc` killed it. A size bound alone cannot tell such a program from a
 real one, and a compile cannot be interrupted in-process. So a module of at least
 `min_lines` lines is compiled first by `python -m hessd.service.compile_guard` under an
-address-space limit and a timeout; the child writes JAX's persistent compilation cache, and
+address-space limit and a timeout (on the compile: the child's own start, an interpreter and
+JAX's import, is timed apart); the child writes JAX's persistent compilation cache, and
 the server's own compile then loads from it. Smaller modules (nearly all) compile in the
 server directly and pay nothing. A child that runs out of time or memory is killed and the
 call is answered RESOURCE_EXHAUSTED; the server never sees the compile.
@@ -19,8 +20,10 @@ import dataclasses
 import logging
 import pickle
 import resource
+import select
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -34,6 +37,11 @@ if TYPE_CHECKING:
 __all__ = ["CompileGuard"]
 
 logger = logging.getLogger(__name__)
+
+# The longest a child may take to start (an interpreter, JAX's import) before its compile,
+# which --max-compile-seconds bounds, begins; READY is what it writes then.
+STARTUP_SECONDS = 120.0
+READY = b"ready\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,24 +76,43 @@ class CompileGuard:
             "split the work: fewer or simpler bindings, a cheaper kind (hvp, jvp or vjp "
             "instead of hessian or jacobian, a lower taylor order), or fewer warmup buckets"
         )
-        try:
-            done = subprocess.run(
+        with tempfile.TemporaryFile() as source:
+            source.write(payload)
+            source.seek(0)
+            child = subprocess.Popen(
                 [sys.executable, "-m", "hessd.service.compile_guard"],
-                input=payload,
-                capture_output=True,
-                timeout=self.max_seconds,
-                check=False,
+                stdin=source,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
+        started = False
+        try:
+            # The bound is on the compile: the child's start (an interpreter and JAX's
+            # import, seconds on a slow machine) is timed apart, up to STARTUP_SECONDS.
+            assert child.stdout is not None
+            ready, _, _ = select.select([child.stdout], [], [], STARTUP_SECONDS)
+            if not ready:
+                raise subprocess.TimeoutExpired(child.args, STARTUP_SECONDS)
+            child.stdout.readline()  # READY, or b"" where the child failed first
+            started = True
+            _, stderr = child.communicate(timeout=self.max_seconds)
         except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            if not started:
+                raise ResourceExhausted(
+                    f"{what} could not start: its supervised child was not ready within "
+                    f"{STARTUP_SECONDS:g} s (the server's machine is overloaded); retry later"
+                ) from None
             raise ResourceExhausted(
                 f"{what} took more than this server's {self.max_seconds:g} s "
                 f"(--max-compile-seconds); {advice}"
             ) from None
         seconds = time.perf_counter() - start
-        if done.returncode != 0:
-            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["-"]
-            logger.warning("supervised compile exited %d: %s", done.returncode, tail[0][:500])
-            memory = "MemoryError" in tail[0] or "bad_alloc" in tail[0] or done.returncode < 0
+        if child.returncode != 0:
+            tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["-"]
+            logger.warning("supervised compile exited %d: %s", child.returncode, tail[0][:500])
+            memory = "MemoryError" in tail[0] or "bad_alloc" in tail[0] or child.returncode < 0
             reason = (
                 f"needed more than this server's {self.max_bytes} bytes (--max-compile-bytes)"
                 if memory
@@ -116,6 +143,9 @@ def _child() -> None:
     enable_x64()
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    # Started: --max-compile-seconds counts from here.
+    sys.stdout.buffer.write(READY)
+    sys.stdout.buffer.flush()
     spec = hessd_pb2.FunctionSpec.FromString(spec_bytes)
     program: Program
     if kind == "ExportProgram":

@@ -461,6 +461,65 @@ def test_compile_bomb_is_refused_and_the_server_survives(tmp_path):
     assert any("supervised child" in line for line in log), log
 
 
+def _slow_python(tmp_path, seconds: float):
+    """A stand-in for sys.executable that takes `seconds` to start, then runs Python."""
+    import os
+    import sys
+
+    script = tmp_path / "slow-python"
+    script.write_text(
+        f"#!{sys.executable}\nimport os, sys, time\ntime.sleep({seconds})\n"
+        f"os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n"
+    )  # one process throughout, so that killing it ends it
+    os.chmod(script, 0o755)
+    return str(script)
+
+
+def _guarded(tmp_path, max_seconds: float):
+    """An engine whose every module compiles first in a supervised child, and a small
+    program and request for it."""
+    from hessd.proto.kinds import Kind
+    from hessd.service.compile_guard import CompileGuard
+    from hessd.service.engine import Engine
+    from hessd.service.kinds import make_request
+    from hessd.service.program import build_program
+
+    spec = hessd_pb2.FunctionSpec(
+        expression=hessd_pb2.Expression(source="sum(tanh(x)**2)"),
+        inputs=[hessd_pb2.InputSpec(name="x", shape=[3], dtype=hessd_pb2.FLOAT64)],
+    )
+    program = build_program(spec)
+    guard = CompileGuard(str(tmp_path / "cache"), min_lines=1, max_seconds=max_seconds)
+    return Engine(guard=guard), program, make_request(program, Kind.GRADIENT)
+
+
+def test_the_compile_bound_does_not_count_the_childs_start(tmp_path, monkeypatch, caplog):
+    """--max-compile-seconds bounds the compile: a child whose interpreter and JAX take
+    longer than the bound to start (a slow machine) still compiles a small program."""
+    import logging
+    import sys
+
+    engine, program, request = _guarded(tmp_path, max_seconds=3.0)
+    monkeypatch.setattr(sys, "executable", _slow_python(tmp_path, 4))
+    with caplog.at_level(logging.INFO, logger="hessd.service.engine"):
+        out = engine.run(program, request, [np.full((2, 3), 0.5)])
+    np.testing.assert_allclose(out, 2 * np.tanh(0.5) / np.cosh(0.5) ** 2 * np.ones((2, 3)))
+    assert any("in a supervised child" in r.getMessage() for r in caplog.records)
+
+
+def test_a_child_that_cannot_start_is_resource_exhausted(tmp_path, monkeypatch):
+    import sys
+
+    from hessd.service import compile_guard
+    from hessd.service.errors import ResourceExhausted as Exhausted
+
+    engine, program, request = _guarded(tmp_path, max_seconds=60.0)
+    monkeypatch.setattr(compile_guard, "STARTUP_SECONDS", 0.5)
+    monkeypatch.setattr(sys, "executable", _slow_python(tmp_path, 30))
+    with pytest.raises(Exhausted, match=r"was not ready within 0\.5 s"):
+        engine.run(program, request, [np.ones((1, 3))])
+
+
 def test_bytes_in_flight_are_bounded():
     """A global budget of argument and result bytes over every call computing: one call
     over it, or one that would pass it beside another in flight, is RESOURCE_EXHAUSTED."""
