@@ -12,7 +12,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -32,8 +32,10 @@ __all__ = [
     "SLOW_ROUNDS",
     "SLOW_SECONDS",
     "THROUGHPUT_TARGET",
+    "echo_call",
     "measure",
     "measure_concurrent",
+    "rates",
     "verdict",
 ]
 
@@ -130,6 +132,50 @@ def measure(
     return row
 
 
+Call = Callable[[], Awaitable[object]]
+
+
+async def echo_call(stack: contextlib.AsyncExitStack, address: str, wire: Wire) -> Call:
+    """A raw grpc.aio unary call of `wire`'s request to the echo server at `address`, over
+    a channel configured as the client's (closed with `stack`)."""
+    channel = await stack.enter_async_context(echo_channel(address, grpc.aio))
+    unary = channel.unary_unary(COMPUTE)
+    return functools.partial(unary, wire.request[0], metadata=wire.metadata, timeout=600)
+
+
+async def rates(
+    calls: Mapping[str, Call],
+    pids: Mapping[str, int],
+    rounds: int,
+    per_round: int = CALLS_PER_ROUND,
+    order: Callable[[int], Sequence[str]] | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Per call: requests/s and CPU µs per call of this process and of pids[name] (its
+    server's process), CONCURRENCY in flight, `per_round` calls a round; one warm-up round
+    each, then `rounds` rounds measuring each in turn, in order(i) for round i (default
+    the order of `calls`)."""
+
+    async def measured(call: Call, server_pid: int) -> dict:
+        client_cpu, server_cpu = cpu_seconds(), cpu_seconds(server_pid)
+        start = time.perf_counter()
+        await closed_loop(call, per_round, CONCURRENCY)
+        seconds = time.perf_counter() - start
+        return {
+            "per_s": per_round / seconds,
+            "client_cpu_us": 1e6 * (cpu_seconds() - client_cpu) / per_round,
+            "server_cpu_us": 1e6 * (cpu_seconds(server_pid) - server_cpu) / per_round,
+        }
+
+    found: dict[str, dict[str, list[float]]] = {n: collections.defaultdict(list) for n in calls}
+    for name, call in calls.items():
+        await measured(call, pids[name])  # warm-up
+    for i in range(rounds):
+        for name in list(calls) if order is None else order(i):
+            for key, value in (await measured(calls[name], pids[name])).items():
+                found[name][key].append(value)
+    return found
+
+
 async def concurrent_rates(
     address: str,
     echoes: Mapping[str, str],
@@ -138,44 +184,17 @@ async def concurrent_rates(
     wire: Wire,
     rounds: int,
 ) -> dict[str, dict[str, list[float]]]:
-    """Per method ("service": AsyncClient against hessd; "floor", "floor_aio": raw grpc.aio
-    unary calls against the echo servers of those names, pids[method] its server's
-    process): requests/s and CPU µs per call of the client process and of the server
-    process, with CONCURRENCY calls in flight, CALLS_PER_ROUND calls per round, rounds
-    alternated."""
-
-    async def measured(call: Callable[[], Awaitable[object]], server_pid: int) -> dict:
-        client_cpu, server_cpu = cpu_seconds(), cpu_seconds(server_pid)
-        start = time.perf_counter()
-        await closed_loop(call, CALLS_PER_ROUND, CONCURRENCY)
-        seconds = time.perf_counter() - start
-        return {
-            "per_s": CALLS_PER_ROUND / seconds,
-            "client_cpu_us": 1e6 * (cpu_seconds() - client_cpu) / CALLS_PER_ROUND,
-            "server_cpu_us": 1e6 * (cpu_seconds(server_pid) - server_cpu) / CALLS_PER_ROUND,
-        }
-
+    """rates() of "service" (AsyncClient against hessd) and of "floor", "floor_aio" (raw
+    grpc.aio unary calls against the echo servers of those names), CALLS_PER_ROUND calls
+    per round, rounds alternated."""
     async with contextlib.AsyncExitStack() as stack:
         client = await stack.enter_async_context(AsyncClient(address, timeout=600))
-        methods: dict[str, Callable[[], Awaitable[object]]] = {
+        methods: dict[str, Call] = {
             "service": lambda: client.compute(w.function, w.kind, w.points, **w.options),
         }
         for name, echo in echoes.items():
-            channel = await stack.enter_async_context(echo_channel(echo, grpc.aio))
-            unary = channel.unary_unary(COMPUTE)
-            methods[name] = functools.partial(
-                unary, wire.request[0], metadata=wire.metadata, timeout=600
-            )
-        found: dict[str, dict[str, list[float]]] = {
-            name: collections.defaultdict(list) for name in methods
-        }
-        for name, call in methods.items():
-            await measured(call, pids[name])  # warm-up
-        for _ in range(rounds):
-            for name, call in methods.items():
-                for key, value in (await measured(call, pids[name])).items():
-                    found[name][key].append(value)
-    return found
+            methods[name] = await echo_call(stack, echo, wire)
+        return await rates(methods, pids, rounds)
 
 
 def measure_concurrent(

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import functools
 import os
@@ -39,18 +38,15 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable, Sequence
-
-import grpc
+from collections.abc import Sequence
 
 from hessd.client import AsyncClient, Client
 from hessd.tools._common import EVENT_LOOPS, event_loop_factory
 
-from _measure import CALLS_PER_ROUND, CONCURRENCY
+from _measure import CALLS_PER_ROUND, CONCURRENCY, Call, echo_call, rates
 from _servers import hessd_command, start_echo_server, start_server
-from _timing import closed_loop, cpu_seconds, wait_for_quiet, write_json
-from _wire import COMPUTE, echo_channel, wire_of
+from _timing import wait_for_quiet, write_json
+from _wire import wire_of
 from _workloads import workload
 
 ECHO_WORKERS = 16  # as throughput.py's
@@ -84,34 +80,11 @@ def _tree(command: Sequence[str]) -> pathlib.Path:
     return pathlib.Path(command[0]).resolve().parent.parent.parent
 
 
-async def _rounds(
-    calls: dict[str, Callable[[], Awaitable[object]]], pids: dict[str, int], rounds: int
-) -> dict[str, dict[str, list[float]]]:
-    """Per server: calls/s and CPU µs per call (client, server) of each round."""
-    found: dict[str, dict[str, list[float]]] = {n: collections.defaultdict(list) for n in calls}
-    per_round = 2 * CALLS_PER_ROUND
-    for call in calls.values():  # warm-up: the batch sizes compiled, connections up
-        await closed_loop(call, per_round, CONCURRENCY)
-    for i in range(rounds):
-        order = list(calls) if i % 2 == 0 else ["B", "A", *list(calls)[2:]]
-        for name in order:
-            client, server = cpu_seconds(), cpu_seconds(pids[name])
-            start = time.perf_counter()
-            await closed_loop(calls[name], per_round, CONCURRENCY)
-            seconds = time.perf_counter() - start
-            found[name]["per_s"].append(per_round / seconds)
-            found[name]["client_cpu_us"].append(1e6 * (cpu_seconds() - client) / per_round)
-            found[name]["server_cpu_us"].append(
-                1e6 * (cpu_seconds(pids[name]) - server) / per_round
-            )
-    return found
-
-
 async def _measure(
     addresses: dict[str, str], pids: dict[str, int], rounds: int
 ) -> tuple[dict[str, dict[str, list[float]]], int, int]:
     async with contextlib.AsyncExitStack() as stack:
-        calls: dict[str, Callable[[], Awaitable[object]]] = {}
+        calls: dict[str, Call] = {}
         wire = None
         for name in ("A", "B"):
             with Client(addresses[name]) as setup:
@@ -121,12 +94,13 @@ async def _measure(
             calls[name] = functools.partial(client.compute, w.function, w.kind, w.points)
         assert wire is not None
         for name in ("floor", "floor aio"):
-            channel = await stack.enter_async_context(echo_channel(addresses[name], grpc.aio))
-            unary = channel.unary_unary(COMPUTE)
-            calls[name] = functools.partial(
-                unary, wire.request[0], metadata=wire.metadata, timeout=600
-            )
-        return await _rounds(calls, pids, rounds), wire.bytes_in, wire.bytes_out
+            calls[name] = await echo_call(stack, addresses[name], wire)
+
+        def order(i: int) -> Sequence[str]:  # A and B take turns at going first
+            return SERVERS if i % 2 == 0 else ("B", "A", *SERVERS[2:])
+
+        found = await rates(calls, pids, rounds, per_round=2 * CALLS_PER_ROUND, order=order)
+        return found, wire.bytes_in, wire.bytes_out
 
 
 def main() -> None:

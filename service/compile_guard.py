@@ -85,25 +85,21 @@ class CompileGuard:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )
-        started = False
+        # The bound is on the compile: the child's start (an interpreter and JAX's import,
+        # seconds on a slow machine) is timed apart, up to STARTUP_SECONDS.
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], STARTUP_SECONDS)
+        if not ready:
+            _end(child)
+            raise ResourceExhausted(
+                f"{what} could not start: its supervised child was not ready within "
+                f"{STARTUP_SECONDS:g} s (the server's machine is overloaded); retry later"
+            )
+        child.stdout.readline()  # READY, or b"" where the child failed first
         try:
-            # The bound is on the compile: the child's start (an interpreter and JAX's
-            # import, seconds on a slow machine) is timed apart, up to STARTUP_SECONDS.
-            assert child.stdout is not None
-            ready, _, _ = select.select([child.stdout], [], [], STARTUP_SECONDS)
-            if not ready:
-                raise subprocess.TimeoutExpired(child.args, STARTUP_SECONDS)
-            child.stdout.readline()  # READY, or b"" where the child failed first
-            started = True
             _, stderr = child.communicate(timeout=self.max_seconds)
         except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate()
-            if not started:
-                raise ResourceExhausted(
-                    f"{what} could not start: its supervised child was not ready within "
-                    f"{STARTUP_SECONDS:g} s (the server's machine is overloaded); retry later"
-                ) from None
+            _end(child)
             raise ResourceExhausted(
                 f"{what} took more than this server's {self.max_seconds:g} s "
                 f"(--max-compile-seconds); {advice}"
@@ -120,6 +116,11 @@ class CompileGuard:
             )
             raise ResourceExhausted(f"{what} {reason}; {advice}")
         return seconds
+
+
+def _end(child: subprocess.Popen) -> None:
+    child.kill()
+    child.communicate()
 
 
 def _child() -> None:
